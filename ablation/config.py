@@ -1,0 +1,250 @@
+"""Config schemas: typed dataclasses registered in Hydra's ConfigStore.
+
+The primary config (conf/config.yaml) starts its defaults list with `base_config`,
+the `Config` dataclass below, so every field has a type and the config is in struct
+mode: a wrong type (`trainer.epochs=abc`) or an unknown key (`trainer.epoch=3`) fails
+at composition with Hydra's own message, before any data is loaded.
+
+The YAML files hold the values; these classes hold the types and the documented
+defaults. Ranges that a type cannot express are checked by `validate`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# The five regularizer groups, in the order used for names, flags and tables.
+REGULARIZERS = ("weight_decay", "dropout", "batchnorm", "beta", "augmentation")
+# Short codes used in run-directory names: `wd-do-bn-beta-aug_seed0`, `none_seed0`.
+SHORT = {"weight_decay": "wd", "dropout": "do", "batchnorm": "bn", "beta": "beta", "augmentation": "aug"}
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported to the user as one paragraph naming the field and the fix."""
+
+
+@dataclass
+class BudgetConfig:
+    name: str = MISSING  # auto | paper | cpu | smoke
+    epochs: int = MISSING  # training epochs
+    width: int = MISSING  # base channels of the model (the seed: 128)
+    train_size: Optional[int] = None  # class-stratified training subset; null = all
+    test_size: Optional[int] = None  # class-stratified test subset; null = all
+
+
+@dataclass
+class ModelConfig:
+    width: int = II("budget.width")  # base channels: encoder w,2w,4w; decoder 4w,2w,w,w/2
+    latent_dim: int = 128  # size of z (the seed: 128)
+    noise_scale: float = 0.3  # z = mu + noise_scale*eps*std; the seed uses 0.3, 1.0 is the textbook VAE
+
+
+@dataclass
+class DataConfig:
+    root: str = "${oc.env:ABLATION_DATA,data/cifar10}"  # CIFAR-10 dir, ImageFolder dir, or .tar.gz of either
+    download: bool = True  # let torchvision download CIFAR-10 when root is absent
+    cache_dir: str = "${oc.env:ABLATION_CACHE,${oc.env:HOME,.}/.cache/vae-ablation}"  # decoded uint8 tensors
+    train_size: Optional[int] = II("budget.train_size")  # class-stratified subset; null = all
+    test_size: Optional[int] = II("budget.test_size")  # class-stratified subset; null = all
+    subset_seed: int = 0  # fixes which images the subsets hold (same for every run)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # Adam learning rate (the seed's)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = II("budget.epochs")  # training epochs
+    batch_size: int = 128  # training batch (the seed's)
+    eval_batch_size: int = 1000  # evaluation batch (no grad, so larger is faster)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
+    compile: bool = False  # torch.compile the model (CUDA only)
+    threads: int = 0  # torch CPU threads; 0 = cores / parallel jobs of the launcher
+    log_interval: int = 50  # steps between step-level history rows
+    image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
+    checkpoint: bool = True  # save a resumable checkpoint after every epoch
+    fault: Optional[str] = None  # test-only fault injection: nan_loss | raise (never set in studies)
+    fault_epoch: int = 1  # epoch at which the fault fires
+
+
+@dataclass
+class WeightDecayConfig:
+    enabled: bool = False  # set by the group option ('on'/'off')
+    value: float = 0.0  # Adam weight_decay; 'on' = 1e-4
+
+
+@dataclass
+class DropoutConfig:
+    enabled: bool = False
+    p: float = 0.0  # dropout probability; 'on' = 0.3
+
+
+@dataclass
+class BatchNormConfig:
+    enabled: bool = False  # BatchNorm2d after each hidden conv/deconv
+
+
+@dataclass
+class BetaConfig:
+    enabled: bool = False
+    value: float = 1.0  # KL weight; 'on' = 4
+
+
+@dataclass
+class AugmentationConfig:
+    enabled: bool = False
+    flip: bool = False  # random horizontal flip, p=0.5
+    crop_padding: int = 0  # random crop back to the image size after zero padding; 'on' = 4
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # wandb | none
+    project: str = "vae-ablation"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user); null = your default
+    mode: str = "auto"  # auto | online | offline | disabled; WANDB_MODE wins when set
+    tags: List[str] = field(default_factory=list)  # extra tags beside the active regularizers
+    log_interval: int = 50  # steps between step-level W&B logs
+    image_interval: int = 1  # epochs between reconstruction images
+    log_model: bool = False  # upload model.pt as a W&B artifact
+    init_timeout: float = 60.0  # seconds before an online init falls back to offline
+
+
+@dataclass
+class Config:
+    study: str = "main"  # results/<study>/ and the W&B group
+    seed: int = 0  # seed of torch, numpy and random
+    overwrite: bool = False  # replace a run directory holding a different config
+    results_dir: str = "results"  # root of all studies
+    run_name: str = MISSING  # regularizers + seed, from the `run_name` resolver
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    weight_decay: WeightDecayConfig = field(default_factory=WeightDecayConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    batchnorm: BatchNormConfig = field(default_factory=BatchNormConfig)
+    beta: BetaConfig = field(default_factory=BetaConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def run_name(*args: Any) -> str:
+    """`wd-do-bn-beta-aug_seed0` for the active regularizers and the seed, `none_seed0` for none."""
+    *flags, seed = args
+    active = [SHORT[r] for r, on in zip(REGULARIZERS, flags) if _as_bool(on)]
+    return f"{'-'.join(active) or 'none'}_seed{seed}"
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.lower() == "true"
+    return bool(value)
+
+
+def register() -> None:
+    """Register the schema and the resolvers; safe to call more than once."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
+
+
+register()
+
+
+def flags(cfg: DictConfig) -> dict:
+    """The five regularizer switches as booleans."""
+    return {r: bool(cfg[r].enabled) for r in REGULARIZERS}
+
+
+def resolve_budget(cfg: DictConfig, cuda: bool) -> str:
+    """Fill an `auto` budget from `paper` (CUDA) or `cpu`; explicitly set fields are kept.
+
+    Returns the name of the preset chosen (the budget's own name when not auto).
+    """
+    if cfg.budget.name != "auto":
+        return cfg.budget.name
+    chosen = "paper" if cuda else "cpu"
+    preset = OmegaConf.load(CONF_DIR / "budget" / f"{chosen}.yaml")
+    for key, value in preset.items():
+        if key == "name" or OmegaConf.is_missing(cfg.budget, key):
+            cfg.budget[key] = value
+    return chosen
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the ranges a type cannot express; raise ConfigError naming the field and the fix."""
+    checks = [
+        (0.0 <= cfg.dropout.p < 1.0, f"dropout.p={cfg.dropout.p} is outside [0, 1); use e.g. dropout.p=0.3"),
+        (cfg.beta.value >= 0, f"beta.value={cfg.beta.value} is negative; the KL weight must be >= 0 (e.g. beta.value=4)"),
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0 (the seed uses optim.lr=1e-3)"),
+        (cfg.weight_decay.value >= 0, f"weight_decay.value={cfg.weight_decay.value} must be >= 0"),
+        (cfg.model.width >= 1, f"model.width={cfg.model.width} must be >= 1 (the seed uses 128)"),
+        (cfg.model.latent_dim >= 1, f"model.latent_dim={cfg.model.latent_dim} must be >= 1 (the seed uses 128)"),
+        (cfg.model.noise_scale >= 0, f"model.noise_scale={cfg.model.noise_scale} must be >= 0 (seed 0.3, textbook 1.0)"),
+        (cfg.trainer.epochs >= 1, f"trainer.epochs={cfg.trainer.epochs} must be >= 1"),
+        (cfg.trainer.batch_size >= 1, f"trainer.batch_size={cfg.trainer.batch_size} must be >= 1"),
+        (cfg.trainer.eval_batch_size >= 1, f"trainer.eval_batch_size={cfg.trainer.eval_batch_size} must be >= 1"),
+        (cfg.trainer.log_interval >= 1, f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1"),
+        (cfg.trainer.image_interval >= 1, f"trainer.image_interval={cfg.trainer.image_interval} must be >= 1"),
+        (cfg.trainer.threads >= 0, f"trainer.threads={cfg.trainer.threads} must be >= 0 (0 = automatic)"),
+        (cfg.augmentation.crop_padding >= 0, f"augmentation.crop_padding={cfg.augmentation.crop_padding} must be >= 0"),
+        (cfg.trainer.precision in ("auto", "fp32", "bf16"),
+         f"trainer.precision={cfg.trainer.precision!r} is not one of auto, fp32, bf16"),
+        (cfg.trainer.fault in (None, "nan_loss", "raise"),
+         f"trainer.fault={cfg.trainer.fault!r} is not one of null, nan_loss, raise"),
+        (cfg.logger.backend in ("wandb", "none"), f"logger.backend={cfg.logger.backend!r} is not one of wandb, none"),
+        (cfg.logger.mode in ("auto", "online", "offline", "disabled"),
+         f"logger.mode={cfg.logger.mode!r} is not one of auto, online, offline, disabled"),
+    ]
+    for size in ("train_size", "test_size"):
+        value = cfg.data[size]
+        checks.append((value is None or value >= 1, f"data.{size}={value} must be >= 1, or null for the whole split"))
+    errors = [message for ok, message in checks if not ok]
+    if errors:
+        raise ConfigError("Invalid configuration: " + "; ".join(errors) + ".")
+
+
+def _hash(container: dict) -> str:
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Fields that never change what a run computes: where it is written, how it is logged,
+# whether an old directory may be replaced, and how many CPU threads it uses.
+_NOT_HASHED = ("logger", "overwrite", "results_dir", "study", "run_name")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the full resolved config that determines a run's results."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NOT_HASHED:
+        container.pop(key, None)
+    container["trainer"].pop("threads", None)
+    container["data"].pop("cache_dir", None)
+    return _hash(container)
+
+
+def settings_hash(cfg: DictConfig) -> str:
+    """Hash of the non-regularizer settings: runs are only pooled when this matches."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in (*_NOT_HASHED, *REGULARIZERS, "seed"):
+        container.pop(key, None)
+    container["trainer"].pop("threads", None)
+    container["data"].pop("cache_dir", None)
+    container["data"].pop("root", None)
+    return _hash(container)

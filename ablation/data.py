@@ -1,0 +1,351 @@
+"""Data: CIFAR-10 (or any ImageFolder) decoded once to uint8 tensors, batched and augmented on the device.
+
+`data.root` accepts three layouts, detected by what is there:
+
+1. a torchvision CIFAR-10 directory (holding `cifar-10-batches-py/`), downloaded by
+   torchvision when absent and `data.download=true`;
+2. an ImageFolder directory with `train/<class>/*` and `test/<class>/*`;
+3. a `.tar.gz` (or `.tgz`, `.tar`) of either, read without unpacking.
+
+The decoded images are cached as one uint8 tensor file under `data.cache_dir`, keyed by
+the source's path, size and modification time, and held in memory (on the GPU when
+training there). Training batches are gathered from that tensor, augmented with tensor
+ops on the device (no PIL, no DataLoader workers), and scaled to [-1, 1] for the Tanh output.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ConfigError
+from .runio import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+CIFAR_DIR = "cifar-10-batches-py"
+LAYOUTS = (
+    "data.root accepts: (1) a torchvision CIFAR-10 directory holding cifar-10-batches-py/; "
+    "(2) an ImageFolder directory with train/<class>/ and test/<class>/ image folders; "
+    "(3) a .tar.gz of either. Set it with data.root=PATH or the ABLATION_DATA environment variable."
+)
+
+
+class DataError(ConfigError):
+    """The data root is missing or malformed; the message names the path and the fix."""
+
+
+@dataclass
+class ImageData:
+    """Both splits as uint8 tensors [N, C, H, W] with int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    def to(self, device: torch.device) -> "ImageData":
+        return ImageData(self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                         self.test_y.to(device), self.classes)
+
+
+def stratified_indices(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """A deterministic class-stratified subset of `size` indices (all indices when size is None).
+
+    Each class gets size // n_classes images, the first size % n_classes classes one more;
+    which images is fixed by `seed`. Indices are returned sorted.
+    """
+    n = labels.numel()
+    if size is None or size >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    classes = torch.unique(labels)
+    per, extra = divmod(size, len(classes))
+    chosen = []
+    for k, c in enumerate(classes):
+        idx = torch.nonzero(labels == c).flatten()
+        take = min(per + (1 if k < extra else 0), idx.numel())
+        chosen.append(idx[torch.randperm(idx.numel(), generator=gen)[:take]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def subset(data: ImageData, train_size: int | None, test_size: int | None, seed: int) -> ImageData:
+    tr = stratified_indices(data.train_y, train_size, seed)
+    te = stratified_indices(data.test_y, test_size, seed + 1)
+    return ImageData(data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te], data.classes)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def detect_layout(root: Path) -> str:
+    """'archive', 'cifar10', 'imagefolder' or 'missing'; raises DataError for an unusable directory."""
+    if root.is_file():
+        if root.name.endswith(ARCHIVE_SUFFIXES):
+            return "archive"
+        raise DataError(f"data.root '{root}' is a file but not a .tar.gz/.tgz/.tar archive. {LAYOUTS}")
+    if not root.exists():
+        return "missing"
+    if (root / CIFAR_DIR).is_dir() or root.name == CIFAR_DIR:
+        return "cifar10"
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+        if missing:
+            raise DataError(f"ImageFolder '{root}' has no {missing[0]}/ folder; it needs both train/ and test/, "
+                            f"each with one folder per class. {LAYOUTS}")
+        return "imagefolder"
+    children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1:  # an unpacked archive: root/<name>/{train,test}
+        return detect_layout(children[0])
+    raise DataError(f"data.root '{root}' is neither a CIFAR-10 directory nor an ImageFolder with train/ and "
+                    f"test/. {LAYOUTS}")
+
+
+def _decode(raw: bytes, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # PIL raises several types for bad files
+        raise DataError(f"cannot decode image '{name}': {exc}") from exc
+
+
+def _stack(images: list[np.ndarray], where: str) -> torch.Tensor:
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise DataError(f"images under '{where}' differ in size ({sorted(shapes)[:3]}...); all must be the same")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _check_classes(where: str, train: list[str], test: list[str]) -> None:
+    if not train:
+        raise DataError(f"ImageFolder '{where}' has no class folders under train/. {LAYOUTS}")
+    if train != test:
+        only_train = sorted(set(train) - set(test))
+        only_test = sorted(set(test) - set(train))
+        raise DataError(f"ImageFolder '{where}': the class folders of train/ and test/ differ "
+                        f"(only in train: {only_train}; only in test: {only_test}); they must hold the same classes.")
+
+
+def _from_files(split_files: dict[str, list[tuple[str, str, bytes | Path]]], where: str) -> ImageData:
+    """Build ImageData from {split: [(class, name, bytes-or-path)]}."""
+    classes = {s: sorted({c for c, _, _ in files}) for s, files in split_files.items()}
+    _check_classes(where, classes["train"], classes["test"])
+    index = {c: i for i, c in enumerate(classes["train"])}
+    out = {}
+    for split, files in split_files.items():
+        files = sorted(files, key=lambda f: (f[0], f[1]))
+        if not files:
+            raise DataError(f"ImageFolder '{where}' has no images under {split}/.")
+        images = [_decode(src.read_bytes() if isinstance(src, Path) else src, f"{where}/{split}/{c}/{n}")
+                  for c, n, src in files]
+        out[split] = (_stack(images, f"{where}/{split}"), torch.tensor([index[c] for c, _, _ in files]))
+    return ImageData(*out["train"], *out["test"], classes["train"])
+
+
+def _load_imagefolder(root: Path) -> ImageData:
+    split_files: dict[str, list] = {"train": [], "test": []}
+    for split in split_files:
+        for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            for f in cdir.iterdir():
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    split_files[split].append((cdir.name, f.name, f))
+    return _from_files(split_files, str(root))
+
+
+def _cifar_batches(read, where: str) -> ImageData:
+    """CIFAR-10 python batches through `read(name) -> bytes`."""
+    def load(name: str) -> dict:
+        return pickle.loads(read(name), encoding="latin1")
+
+    def images(batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([b["labels"] for b in batches])
+        return torch.from_numpy(x.copy()), torch.from_numpy(y).long()
+
+    train = images([load(f"data_batch_{i}") for i in range(1, 6)])
+    test = images([load("test_batch")])
+    classes = load("batches.meta")["label_names"]
+    return ImageData(*train, *test, list(classes))
+
+
+def _load_cifar10(root: Path, download: bool) -> ImageData:
+    from torchvision.datasets import CIFAR10
+
+    base = root.parent if root.name == CIFAR_DIR else root
+    try:
+        train = CIFAR10(str(base), train=True, download=download)
+        test = CIFAR10(str(base), train=False, download=False)
+    except Exception as exc:
+        raise DataError(f"data.root '{root}': CIFAR-10 could not be {'downloaded' if download else 'read'} "
+                        f"({type(exc).__name__}: {exc}). {LAYOUTS}") from exc
+
+    def split(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets).long()
+
+    return ImageData(*split(train), *split(test), list(train.classes))
+
+
+def _load_archive(path: Path) -> ImageData:
+    split_files: dict[str, list] = {"train": [], "test": []}
+    cifar: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = Path(member.name).parts
+                if len(parts) >= 2 and parts[-2] == CIFAR_DIR:
+                    cifar[parts[-1]] = tar.extractfile(member).read()
+                elif (len(parts) >= 3 and parts[-3] in split_files
+                      and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES):
+                    split_files[parts[-3]].append((parts[-2], parts[-1], tar.extractfile(member).read()))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"data.root '{path}' cannot be read as a tar archive ({exc}). {LAYOUTS}") from exc
+    if "data_batch_1" in cifar:
+        return _cifar_batches(lambda name: cifar[name], str(path))
+    if not split_files["train"] and not split_files["test"]:
+        raise DataError(f"archive '{path}' holds neither {CIFAR_DIR}/ nor train/<class>/ and test/<class>/ images. "
+                        f"{LAYOUTS}")
+    for split in split_files:
+        if not split_files[split]:
+            raise DataError(f"archive '{path}' has no {split}/<class>/ images; an ImageFolder archive needs both "
+                            f"train/ and test/. {LAYOUTS}")
+    return _from_files(split_files, str(path))
+
+
+def _cache_file(root: Path, layout: str, cache_dir: Path) -> Path | None:
+    if layout == "archive":
+        stat = root.stat()
+        key = f"{root.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    elif layout == "imagefolder":
+        stat = root.stat()
+        key = f"{root.resolve()}|{stat.st_mtime_ns}|" + "|".join(
+            f"{d}:{(root / d).stat().st_mtime_ns}" for d in ("train", "test"))
+    else:
+        return None  # torchvision's own files load fast enough
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir / f"{root.name.split('.')[0]}-{digest}.pt"
+
+
+def load_images(root: str | os.PathLike, download: bool = True, cache_dir: str | os.PathLike | None = None) -> ImageData:
+    """Load both splits of the dataset at `root` as uint8 tensors, using or filling the cache."""
+    root = Path(root).expanduser()
+    layout = detect_layout(root)
+    if layout == "missing":
+        if not download:
+            raise DataError(f"data.root '{root}' does not exist and data.download=false. {LAYOUTS}")
+        log.info("data.root %s is absent: downloading CIFAR-10 with torchvision", root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"data.root '{root}' does not exist and cannot be created ({exc}). {LAYOUTS}") from exc
+        return _load_cifar10(root, download=True)
+    if layout == "cifar10":
+        return _load_cifar10(root, download=False)
+    if layout == "imagefolder" and not (root / "train").is_dir():
+        root = next(c for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    cache = _cache_file(root, layout, Path(cache_dir).expanduser()) if cache_dir else None
+    if cache is not None and cache.exists():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return ImageData(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"], list(blob["classes"]))
+        except Exception as exc:  # a corrupt cache is rebuilt, never trusted
+            log.warning("ignoring unreadable data cache %s (%s)", cache, exc)
+    log.info("decoding %s (%s) once into uint8 tensors", root, layout)
+    data = _load_archive(root) if layout == "archive" else _load_imagefolder(root)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
+                               "test_y": data.test_y, "classes": data.classes}, cache)
+            log.info("cached decoded images at %s", cache)
+        except OSError as exc:
+            log.warning("could not write the data cache %s (%s); continuing without it", cache, exc)
+    return data
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the Tanh output's range."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def augment(x: torch.Tensor, flip: bool, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip (p=0.5) and random crop after zero padding, per image, batch-wise.
+
+    Equivalent in distribution to torchvision's RandomHorizontalFlip() and
+    RandomCrop(size, padding=padding) with fill 0: the crop offsets are uniform over
+    (2*padding+1)^2 positions. Works on uint8 or float tensors on any device; the random
+    draws come from `generator` (on the CPU) so that runs are reproducible.
+    """
+    n, c, h, w = x.shape
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    if padding > 0:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        rows = (oy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (ox.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        x = padded[batch, chan, rows, cols]
+    return x
+
+
+class TrainBatches:
+    """Shuffled training batches from a uint8 tensor on the device, augmented there.
+
+    The permutation and augmentation draws come from one CPU generator whose state is
+    part of the checkpoint, so a resumed run sees exactly the same batches.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, flip: bool, padding: int, seed: int) -> None:
+        self.images = images
+        self.batch_size = batch_size
+        self.flip = flip
+        self.padding = padding
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.images.shape[0] // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        n = self.images.shape[0]
+        order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        for start in range(0, n, self.batch_size):
+            x = self.images[order[start:start + self.batch_size]]
+            if self.flip or self.padding:
+                x = augment(x, self.flip, self.padding, self.generator)
+            yield to_unit_range(x)
+
+
+def eval_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """The images in order, unaugmented, scaled to [-1, 1]."""
+    for start in range(0, images.shape[0], batch_size):
+        yield to_unit_range(images[start:start + batch_size])

@@ -1,0 +1,281 @@
+"""The training loop: epochs of Adam steps, per-epoch evaluation, grids, history and checkpoints.
+
+The step keeps everything on the device: loss parts and the non-finite check are
+accumulated in tensors and read back only every `log_interval` steps and at the end of an
+epoch, so a GPU step never waits for the host. Checkpoints hold everything a resumed run
+needs to continue bit for bit on the CPU: model, optimizer, batch generator, RNG states,
+epoch, step, history and elapsed time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from .data import ImageData, TrainBatches, stratified_indices, to_unit_range
+from .evaluate import evaluate, final_metrics
+from .objective import vae_loss
+from .runio import atomic_torch_save, atomic_write
+
+log = logging.getLogger(__name__)
+
+GRID_IMAGES = 8  # test images in each reconstruction grid
+SAMPLE_IMAGES = 64  # prior samples in samples.png
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm; the run stops with status 'diverged'."""
+
+    def __init__(self, epoch: int, step: int, what: str) -> None:
+        super().__init__(f"non-finite {what} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.what = epoch, step, what
+
+
+@dataclass
+class RunSettings:
+    """What the loop needs from the resolved config, flattened."""
+
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    beta: float
+    flip: bool
+    crop_padding: int
+    seed: int
+    subset_seed: int
+    log_interval: int
+    image_interval: int
+    wandb_image_interval: int
+    checkpoint: bool
+    fault: str | None
+    fault_epoch: int
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "RunSettings":
+        aug = cfg.augmentation
+        return cls(
+            epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
+            eval_batch_size=cfg.trainer.eval_batch_size, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            weight_decay=cfg.weight_decay.value if cfg.weight_decay.enabled else 0.0,
+            beta=cfg.beta.value, flip=bool(aug.enabled and aug.flip),
+            crop_padding=int(aug.crop_padding) if aug.enabled else 0, seed=cfg.seed,
+            subset_seed=cfg.data.subset_seed, log_interval=cfg.trainer.log_interval,
+            image_interval=cfg.trainer.image_interval,
+            wandb_image_interval=cfg.logger.image_interval if cfg.logger.backend == "wandb" else 0,
+            checkpoint=cfg.trainer.checkpoint, fault=cfg.trainer.fault, fault_epoch=cfg.trainer.fault_epoch)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, s: RunSettings) -> torch.optim.Adam:
+    """Adam with the run's L2 weight decay (added to the gradient, as in torch's Adam)."""
+    return torch.optim.Adam(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, data: ImageData, settings: RunSettings, run_dir: Path,
+                 logger, autocast=None, step_model: torch.nn.Module | None = None) -> None:
+        self.model = model
+        self.step_model = step_model or model  # a torch.compile'd view of `model`, or the model
+        self.data = data
+        self.s = settings
+        self.run_dir = Path(run_dir)
+        self.logger = logger
+        self.autocast = autocast
+        self.optimizer = make_optimizer(model, settings)
+        self.batches = TrainBatches(data.train_x, settings.batch_size, settings.flip, settings.crop_padding,
+                                    seed=settings.seed)
+        sub = stratified_indices(data.train_y, data.test_x.shape[0], settings.subset_seed + 2)
+        self.trainsub_x, self.trainsub_y = data.train_x[sub.to(data.train_x.device)], data.train_y[sub.to(data.train_y.device)]
+        self.grid_x = data.test_x[:GRID_IMAGES]
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken
+        self.train_time = 0.0  # seconds spent in training steps
+        self.epoch_rows: list[dict] = []
+        self.step_rows: list[dict] = []
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "batches": self.batches.generator.get_state(), "rng": _rng_state(), "epoch": self.epoch,
+                "step": self.step, "train_time": self.train_time, "epoch_rows": self.epoch_rows,
+                "step_rows": self.step_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.generator.set_state(state["batches"])
+        _set_rng_state(state["rng"])
+        self.epoch, self.step, self.train_time = state["epoch"], state["step"], state["train_time"]
+        self.epoch_rows, self.step_rows = list(state["epoch_rows"]), list(state["step_rows"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def _ctx(self):
+        return self.autocast() if self.autocast else contextlib.nullcontext()
+
+    def train_epoch(self) -> dict:
+        """One pass over the training set; returns the epoch's mean train loss parts."""
+        model, opt, s = self.step_model, self.optimizer, self.s
+        self.model.train()
+        epoch = self.epoch + 1
+        device = self.data.train_x.device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl summed over images
+        window = torch.zeros(3, dtype=torch.float64, device=device)  # the same since the last step row
+        window_n = 0
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        seen = 0
+        start = time.perf_counter()
+        for x in self.batches:
+            self.step += 1
+            n = x.shape[0]
+            with self._ctx():
+                x_hat, mu, logvar = model(x)
+            parts = vae_loss(x_hat, x, mu, logvar, s.beta)
+            loss = parts.total
+            if s.fault and epoch == s.fault_epoch and seen == 0:
+                if s.fault == "raise":
+                    raise RuntimeError(f"injected fault (trainer.fault=raise) at epoch {epoch}")
+                loss = loss * float("nan")  # trainer.fault=nan_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            log_now = self.step % s.log_interval == 0
+            grad_norm = None
+            if log_now:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            opt.step()
+            parts_t = torch.stack([loss.detach(), parts.recon.detach(), parts.kl.detach()]).double() * n
+            totals += parts_t
+            window += parts_t
+            window_n += n
+            seen += n
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                   torch.tensor(self.step, device=device), bad_step)
+            if log_now:
+                self._step_row(epoch, window / window_n, grad_norm, bad_step)
+                window.zero_()
+                window_n = 0
+        elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        self._check_finite(epoch, bad_step)
+        mean = (totals / seen).tolist()
+        return {"train_loss": mean[0], "train_recon": mean[1], "train_kl": mean[2],
+                "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
+
+    def _check_finite(self, epoch: int, bad_step: torch.Tensor, grad_norm: float | None = None) -> None:
+        step = int(bad_step)
+        if step >= 0:
+            raise Diverged(epoch, step, "loss")
+        if grad_norm is not None and not np.isfinite(grad_norm):
+            raise Diverged(epoch, self.step, "gradient norm")
+
+    def _step_row(self, epoch: int, means: torch.Tensor, grad_norm: torch.Tensor, bad_step: torch.Tensor) -> None:
+        loss, recon, kl = means.tolist()  # the one host sync every log_interval steps
+        gn = float(grad_norm)
+        row = {"kind": "step", "epoch": epoch, "step": self.step, "train_loss": loss, "train_recon": recon,
+               "train_kl": kl, "grad_norm": gn}
+        self.step_rows.append(row)
+        self.logger.log({"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/grad_norm": gn,
+                         "epoch": epoch}, step=self.step)
+        self._check_finite(epoch, bad_step, gn)
+
+    def fit(self) -> None:
+        """Train from the current epoch to the last, evaluating and checkpointing after each."""
+        s = self.s
+        while self.epoch < s.epochs:
+            row = self.train_epoch()
+            self.epoch += 1
+            test = evaluate(self.model, self.data.test_x, s.beta, s.eval_batch_size, self.autocast)
+            train = evaluate(self.model, self.trainsub_x, s.beta, s.eval_batch_size, self.autocast)
+            row = {"kind": "epoch", "epoch": self.epoch, "step": self.step, **row,
+                   "test_recon": test["recon"], "test_kl": test["kl"], "test_loss": test["loss"],
+                   "trainsub_recon": train["recon"], "trainsub_kl": train["kl"], "trainsub_loss": train["loss"],
+                   "gen_gap": test["recon"] - train["recon"]}
+            self.epoch_rows.append(row)
+            log.info("epoch %d/%d  train loss %.2f (recon %.2f, kl %.2f)  test recon %.2f kl %.2f  gap %.2f  "
+                     "%.0f img/s", self.epoch, s.epochs, row["train_loss"], row["train_recon"], row["train_kl"],
+                     row["test_recon"], row["test_kl"], row["gen_gap"], row["images_per_s"])
+            self.logger.log({f"{split}/{k}": v for split, d in (("test", test), ("trainsub", train))
+                             for k, v in d.items()} | {"epoch": self.epoch, "gen_gap": row["gen_gap"],
+                                                        "train/epoch_loss": row["train_loss"],
+                                                        "train/images_per_s": row["images_per_s"]},
+                            step=self.step)
+            last = self.epoch == s.epochs
+            if self.epoch % s.image_interval == 0 or last:
+                path = self.save_recon_grid(self.run_dir / f"recon_epoch{self.epoch:03d}.png")
+                if s.wandb_image_interval and (self.epoch % s.wandb_image_interval == 0 or last):
+                    self.logger.log_images({"recon": path}, step=self.step)
+            self.write_history()
+            if s.checkpoint and not last:
+                atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+
+    # ------------------------------------------------------------------ outputs
+
+    @torch.inference_mode()
+    def save_recon_grid(self, path: Path) -> Path:
+        """8 test images (top row) over their reconstructions from the posterior mean (bottom row)."""
+        self.model.eval()
+        x = to_unit_range(self.grid_x)
+        with self._ctx():
+            mu, _ = self.model.encode(x)
+            x_hat = self.model.decode(mu).float()
+        self.model.train()
+        _save_grid(torch.cat([x, x_hat]), path, nrow=x.shape[0])
+        return path
+
+    @torch.inference_mode()
+    def save_samples(self, path: Path) -> Path:
+        """Decoded samples from the prior N(0, I), with a generator fixed by the seed."""
+        self.model.eval()
+        gen = torch.Generator(device=self.data.test_x.device).manual_seed(self.s.seed)
+        with self._ctx():
+            x = self.model.sample(SAMPLE_IMAGES, generator=gen).float()
+        self.model.train()
+        _save_grid(x, path, nrow=8)
+        return path
+
+    def write_history(self) -> None:
+        import pandas as pd
+
+        frame = pd.DataFrame(self.epoch_rows + self.step_rows)
+        if not frame.empty:
+            frame = frame.sort_values(["step", "kind"], kind="stable")
+        atomic_write(self.run_dir / "history.csv", lambda f: f.write(frame.to_csv(index=False).encode()))
+
+    def final(self) -> dict:
+        s = self.s
+        return final_metrics(self.model, self.data.test_x, self.data.test_y, self.trainsub_x, self.trainsub_y,
+                             s.beta, s.eval_batch_size, self.autocast)
+
+
+def _save_grid(x: torch.Tensor, path: Path, nrow: int) -> None:
+    images = (x.detach().cpu().clamp(-1, 1) + 1) / 2
+    atomic_write(path, lambda f: save_image(images, f, nrow=nrow, padding=2, format="png"))
