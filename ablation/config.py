@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -153,6 +154,11 @@ def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.lower() == "true"
     return bool(value)
+
+
+# conf/hydra/launcher/*.yaml share their names with the launcher plugins' schemas, so Hydra
+# validates our presets against those schemas (which we want) and warns that it does so.
+warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name")
 
 
 def register() -> None:

@@ -237,7 +237,7 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
         logger.finish(exit_code=exit_code)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     try:
         return train(cfg)
@@ -248,4 +248,8 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Call `main` through its importable name, so that process launchers (joblib, submitit)
+    # pickle it by reference to `ablation.train` rather than by value from `__main__`.
+    from ablation.train import main as _main
+
+    _main()
