@@ -27,19 +27,25 @@ from .data import eval_batches
 from .objective import bits_per_dim, gaussian_nll_from_sse, kl_per_image, recon_per_image
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+EVAL_NOISE_SEED = 1234
 
 
 @torch.inference_mode()
 def evaluate(model, images: torch.Tensor, beta: float, batch_size: int, autocast=None,
              keep_mu: bool = False) -> dict:
-    """Mean per-image recon, KL and loss of `images` (uint8) in eval mode; optionally the mus."""
+    """Mean per-image recon, KL and loss of `images` (uint8) in eval mode; optionally the mus.
+
+    The reparameterisation noise comes from a generator with a fixed seed, so the same model
+    and images always give the same numbers, and evaluation leaves the training RNG untouched.
+    """
     was_training = model.training
     model.eval()
+    generator = torch.Generator(device=images.device).manual_seed(EVAL_NOISE_SEED)
     sums = torch.zeros(2, dtype=torch.float64, device=images.device)
     mus = []
     for x in eval_batches(images, batch_size):
         with autocast() if autocast else contextlib.nullcontext():
-            x_hat, mu, logvar = model(x)
+            x_hat, mu, logvar = model(x, generator)
         sums[0] += recon_per_image(x_hat, x).sum()
         sums[1] += kl_per_image(mu.float(), logvar.float()).sum()
         if keep_mu:

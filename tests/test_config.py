@@ -1,0 +1,170 @@
+"""Every config group option and preset composes and resolves to the documented values."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ablation import config as C
+from ablation.config import REGULARIZERS
+
+# The table of the README: (group, option) -> values under that group's node.
+TABLE = {
+    ("weight_decay", "off"): {"enabled": False, "value": 0.0},
+    ("weight_decay", "on"): {"enabled": True, "value": 1e-4},
+    ("dropout", "off"): {"enabled": False, "p": 0.0},
+    ("dropout", "on"): {"enabled": True, "p": 0.3},
+    ("batchnorm", "off"): {"enabled": False},
+    ("batchnorm", "on"): {"enabled": True},
+    ("beta", "off"): {"enabled": False, "value": 1.0},
+    ("beta", "on"): {"enabled": True, "value": 4.0},
+    ("augmentation", "off"): {"enabled": False, "flip": False, "crop_padding": 0},
+    ("augmentation", "on"): {"enabled": True, "flip": True, "crop_padding": 4},
+}
+
+
+@pytest.mark.parametrize("group,option", sorted(TABLE))
+def test_group_option_resolves_to_table(compose_cfg, group, option):
+    cfg = compose_cfg(f"{group}={option}")
+    assert OmegaConf.to_container(cfg[group]) == TABLE[(group, option)]
+    for other in REGULARIZERS:
+        if other != group:
+            assert cfg[other].enabled is False, "the other groups default to off"
+
+
+def _expected_presets():
+    yield "none", set()
+    yield "all", set(REGULARIZERS)
+    for r in REGULARIZERS:
+        yield f"only_{r}", {r}
+        yield f"without_{r}", set(REGULARIZERS) - {r}
+
+
+PRESETS = list(_expected_presets())
+
+
+def test_twelve_presets_exist():
+    assert len(PRESETS) == 12
+    assert {p.stem for p in (C.CONF_DIR / "regularizer").glob("*.yaml")} == {name for name, _ in PRESETS}
+
+
+@pytest.mark.parametrize("preset,active", PRESETS, ids=[p for p, _ in PRESETS])
+def test_preset_sets_all_five(compose_cfg, preset, active):
+    cfg = compose_cfg(f"regularizer={preset}")
+    assert C.flags(cfg) == {r: r in active for r in REGULARIZERS}
+    for r in REGULARIZERS:
+        assert OmegaConf.to_container(cfg[r]) == TABLE[(r, "on" if r in active else "off")]
+
+
+def test_command_line_group_wins_over_preset(compose_cfg):
+    cfg = compose_cfg("regularizer=all", "dropout=off", "beta=off")
+    assert C.flags(cfg) == {"weight_decay": True, "dropout": False, "batchnorm": True, "beta": False,
+                            "augmentation": True}
+    cfg = compose_cfg("regularizer=none", "batchnorm=on")
+    assert C.flags(cfg)["batchnorm"] is True and sum(C.flags(cfg).values()) == 1
+
+
+def test_quoted_on_off_everywhere():
+    """YAML 1.1 reads bare on/off as booleans: every YAML file must quote them."""
+    import re
+
+    bare = re.compile(r"(:|-)\s*(on|off)\s*(,|$|#)", re.IGNORECASE | re.MULTILINE)
+    for path in C.CONF_DIR.rglob("*.yaml"):
+        assert not bare.search(path.read_text()), f"unquoted on/off in {path}"
+
+
+def test_run_name_from_flags_and_seed(compose_cfg):
+    assert compose_cfg("regularizer=none", "seed=3").run_name == "none_seed3"
+    assert compose_cfg("regularizer=all").run_name == "wd-do-bn-beta-aug_seed0"
+    assert compose_cfg("dropout=on", "beta=on").run_name == "do-beta_seed0"
+
+
+def test_output_dirs_are_deterministic(compose_cfg):
+    cfg = compose_cfg("regularizer=only_beta", "seed=2", "study=s1", "results_dir=/r", hydra_cfg=True)
+    assert cfg.hydra.sweep.dir == "/r/s1"
+    assert cfg.hydra.sweep.subdir == "beta_seed2"
+    assert cfg.hydra.run.dir == "/r/s1/beta_seed2"
+
+
+def test_factorial_sweep_covers_all_32_combinations(compose_cfg):
+    cfg = compose_cfg("+sweep=factorial", hydra_cfg=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == set(REGULARIZERS)
+    values = {k: [v.strip().strip("'") for v in params[k].split(",")] for k in params}
+    assert all(sorted(v) == ["off", "on"] for v in values.values())
+    combos = list(itertools.product(*values.values()))
+    assert len(combos) == 32
+
+
+def test_budget_presets(compose_cfg):
+    for name in ("paper", "cpu", "smoke"):
+        cfg = compose_cfg(f"budget={name}")
+        assert cfg.trainer.epochs == cfg.budget.epochs and cfg.model.width == cfg.budget.width
+    paper = compose_cfg("budget=paper")
+    assert (paper.budget.epochs, paper.model.width, paper.data.train_size) == (50, 128, None)
+
+
+def test_auto_budget_picks_by_device(compose_cfg):
+    cfg = compose_cfg()
+    assert cfg.budget.name == "auto"
+    assert C.resolve_budget(cfg, cuda=False) == "cpu"
+    assert cfg.trainer.epochs == OmegaConf.load(C.CONF_DIR / "budget/cpu.yaml").epochs
+    cfg = compose_cfg("budget.epochs=7")
+    assert C.resolve_budget(cfg, cuda=True) == "paper"
+    assert cfg.trainer.epochs == 7 and cfg.model.width == 128, "explicit fields win over the preset"
+
+
+def test_defaults_match_the_seed(compose_cfg):
+    cfg = compose_cfg("budget=paper")
+    assert cfg.model.latent_dim == 128 and cfg.model.noise_scale == 0.3 and cfg.model.width == 128
+    assert cfg.optim.lr == 1e-3 and cfg.trainer.batch_size == 128
+    assert cfg.data.root.endswith("data/cifar10") or cfg.data.root  # ${oc.env:ABLATION_DATA,data/cifar10}
+    assert OmegaConf.to_container(cfg.data, resolve=False)["root"] == "${oc.env:ABLATION_DATA,data/cifar10}"
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("trainer.epoch=3", "trainer.epoch"),  # unknown key
+    ("trainer.epochs=abc", "trainer.epochs"),  # wrong type
+    ("dropout.q=0.5", "dropout.q"),
+    ("seed=one", "seed"),
+])
+def test_unknown_keys_and_wrong_types_fail_at_composition(compose_cfg, override, fragment):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg(override)
+    assert fragment in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_option_lists_the_choices(compose_cfg):
+    with pytest.raises(Exception) as info:
+        compose_cfg("dropout=maybe")
+    text = str(info.value)
+    assert "dropout/maybe" in text and "on" in text and "off" in text
+
+
+@pytest.mark.parametrize("override,message", [
+    ("dropout.p=1.5", "dropout.p=1.5 is outside [0, 1)"),
+    ("dropout.p=-0.1", "outside [0, 1)"),
+    ("beta.value=-1", "beta.value=-1.0 is negative"),
+    ("optim.lr=0", "optim.lr=0.0 must be > 0"),
+    ("model.width=0", "model.width=0 must be >= 1"),
+    ("model.latent_dim=0", "model.latent_dim=0 must be >= 1"),
+    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+])
+def test_out_of_range_values_are_refused(compose_cfg, override, message):
+    cfg = compose_cfg("budget=smoke", override)
+    with pytest.raises(C.ConfigError) as info:
+        C.validate(cfg)
+    assert message in str(info.value)
+
+
+def test_config_hash_ignores_logging_but_not_settings(compose_cfg):
+    base = compose_cfg("budget=smoke")
+    h = C.config_hash(base)
+    assert C.config_hash(compose_cfg("budget=smoke", "logger=none", "study=x")) == h
+    assert C.config_hash(compose_cfg("budget=smoke", "trainer.epochs=3")) != h
+    assert C.config_hash(compose_cfg("budget=smoke", "dropout=on")) != h
+    s = C.settings_hash(base)
+    assert C.settings_hash(compose_cfg("budget=smoke", "regularizer=all", "seed=4")) == s
+    assert C.settings_hash(compose_cfg("budget=smoke", "model.width=16")) != s

@@ -1,0 +1,127 @@
+"""The seed architecture, and each regularizer switch acting where it should."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ablation.config import flags
+from ablation.data import ImageData, TrainBatches, eval_batches, to_unit_range
+from ablation.model import VAE, build_model
+from ablation.objective import kl_per_image, vae_loss
+from ablation.trainer import RunSettings, Trainer, make_optimizer
+
+SEED_PARAMS = 8_537_347  # the seed VAE at width 128, latent 128, 32x32 RGB
+
+
+def layers(module: nn.Module, kind) -> list:
+    return [m for m in module.modules() if isinstance(m, kind)]
+
+
+def test_default_model_is_the_seed_architecture():
+    m = VAE()
+    convs = layers(m.encoder, nn.Conv2d)
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (3, 128, (4, 4), (2, 2), (1, 1)), (128, 256, (4, 4), (2, 2), (1, 1)), (256, 512, (4, 4), (2, 2), (1, 1))]
+    assert (m.fc_mu.in_features, m.fc_mu.out_features) == (512 * 4 * 4, 128)
+    assert (m.fc_logvar.in_features, m.fc_logvar.out_features) == (512 * 4 * 4, 128)
+    assert (m.fc_decode.in_features, m.fc_decode.out_features) == (128, 512 * 4 * 4)
+    deconvs = layers(m.decoder, nn.ConvTranspose2d)
+    assert [(d.in_channels, d.out_channels, d.kernel_size, d.stride, d.padding) for d in deconvs] == [
+        (512, 256, (4, 4), (2, 2), (1, 1)), (256, 128, (4, 4), (2, 2), (1, 1)), (128, 64, (4, 4), (2, 2), (1, 1))]
+    out = m.decoder[-2]
+    assert isinstance(out, nn.Conv2d) and (out.in_channels, out.out_channels, out.kernel_size, out.padding) == (
+        64, 3, (3, 3), (1, 1))
+    assert isinstance(m.decoder[-1], nn.Tanh)
+    assert sum(p.numel() for p in m.parameters()) == SEED_PARAMS
+    assert m.noise_scale == 0.3
+    assert not layers(m, nn.Dropout) and not layers(m, nn.BatchNorm2d)
+
+
+def test_shapes_follow_width_and_image_size():
+    m = VAE(image_size=64, width=8, latent_dim=16)
+    x = torch.randn(2, 3, 64, 64)
+    x_hat, mu, logvar = m(x)
+    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (2, 16)
+    assert x_hat.abs().max() <= 1
+    assert [c.out_channels for c in layers(m.encoder, nn.Conv2d)] == [8, 16, 32]
+
+
+def test_reparameterisation_uses_noise_scale():
+    m = VAE(width=4, latent_dim=8, noise_scale=0.0)
+    mu, logvar = torch.randn(5, 8), torch.zeros(5, 8)
+    assert torch.equal(m.reparameterize(mu, logvar), mu)
+    m.noise_scale = 1.0
+    torch.manual_seed(0)
+    z = m.reparameterize(mu, torch.zeros(5, 8))
+    torch.manual_seed(0)
+    assert torch.allclose(z, mu + torch.randn_like(mu))
+
+
+def test_dropout_switch(compose_cfg):
+    off = build_model(compose_cfg("budget=smoke"), 32)
+    assert not layers(off, nn.Dropout)
+    on = build_model(compose_cfg("budget=smoke", "dropout=on"), 32)
+    drops = layers(on, nn.Dropout)
+    assert len(drops) == 6 and all(d.p == 0.3 for d in drops)  # 3 encoder + 3 decoder hidden blocks
+    x = torch.randn(4, 3, 32, 32)
+    on.eval()
+    assert torch.equal(on.encoder(x), on.encoder(x)), "dropout is inactive in eval mode"
+    on.train()
+    torch.manual_seed(0)
+    a = on.encoder(x)
+    b = on.encoder(x)
+    assert not torch.equal(a, b), "dropout is active in train mode"
+
+
+def test_batchnorm_switch(compose_cfg):
+    assert not layers(build_model(compose_cfg("budget=smoke"), 32), nn.BatchNorm2d)
+    m = build_model(compose_cfg("budget=smoke", "batchnorm=on"), 32)
+    bns = layers(m, nn.BatchNorm2d)
+    assert len(bns) == 6
+    assert not isinstance(m.decoder[-3], nn.BatchNorm2d), "no batch norm on the output layer"
+    assert [b.num_features for b in bns] == [8, 16, 32, 16, 8, 4]
+
+
+def test_weight_decay_switch(compose_cfg):
+    model = VAE(width=4, latent_dim=4)
+    for option, wd in (("off", 0.0), ("on", 1e-4)):
+        s = RunSettings.from_cfg(compose_cfg("budget=smoke", f"weight_decay={option}"))
+        opt = make_optimizer(model, s)
+        assert isinstance(opt, torch.optim.Adam)
+        assert [g["weight_decay"] for g in opt.param_groups] == [wd]
+
+
+def test_beta_scales_the_kl_term(compose_cfg):
+    torch.manual_seed(0)
+    x, x_hat = torch.rand(4, 3, 8, 8) * 2 - 1, torch.rand(4, 3, 8, 8) * 2 - 1
+    mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
+    one, four = vae_loss(x_hat, x, mu, logvar, 1.0), vae_loss(x_hat, x, mu, logvar, 4.0)
+    assert torch.allclose(four.total - one.total, 3 * one.kl)
+    assert torch.equal(one.recon, four.recon) and torch.equal(one.kl, four.kl)
+    assert torch.allclose(one.kl, kl_per_image(mu, logvar).mean())
+    assert torch.allclose(one.recon, ((x_hat - x) ** 2).sum(dim=(1, 2, 3)).mean())
+    assert RunSettings.from_cfg(compose_cfg("budget=smoke", "beta=on")).beta == 4.0
+    assert RunSettings.from_cfg(compose_cfg("budget=smoke", "beta=off")).beta == 1.0
+
+
+def _images(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+def test_augmentation_changes_training_batches_only(compose_cfg, tmp_path):
+    x = _images()
+    plain = list(TrainBatches(x, 16, flip=False, padding=0, seed=1))
+    aug = list(TrainBatches(x, 16, flip=True, padding=4, seed=1))
+    assert len(plain) == len(aug) == 4
+    assert any(not torch.equal(a, p) for a, p in zip(aug, plain))
+    # Test batches: always the images themselves, in order, whatever the switch.
+    for cfg_opt in ("off", "on"):
+        cfg = compose_cfg("budget=smoke", f"augmentation={cfg_opt}")
+        s = RunSettings.from_cfg(cfg)
+        assert (s.flip, s.crop_padding) == ((True, 4) if cfg_opt == "on" else (False, 0))
+        data = ImageData(x, torch.arange(64) % 4, x[:32], torch.arange(32) % 4, ["a", "b", "c", "d"])
+        trainer = Trainer(build_model(cfg, 32), data, s, tmp_path, logger=None)
+        assert (trainer.batches.flip, trainer.batches.padding) == (s.flip, s.crop_padding)
+        assert torch.equal(torch.cat(list(eval_batches(data.test_x, 10))), to_unit_range(x[:32]))
+    assert flags(compose_cfg("augmentation=on"))["augmentation"]
