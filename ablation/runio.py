@@ -46,9 +46,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk or a read-only folder: name the file
+            raise OSError(exc.errno, f"{exc.strerror or exc}: could not write {path} "
+                                     f"(check free space and permissions there)") from exc
         raise
     _fsync_dir(path.parent)
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as C
 from .data import load_images, subset
 from .model import build_model
-from .runio import atomic_torch_save, atomic_write_json, atomic_write_text, read_json, run_lock
+from .runio import RunLockedError, atomic_torch_save, atomic_write_json, atomic_write_text, read_json, run_lock
 from .trainer import Diverged, RunSettings, Trainer, seed_everything
 
 log = logging.getLogger("ablation.train")
@@ -241,7 +241,7 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
 def main(cfg: DictConfig) -> dict:
     try:
         return train(cfg)
-    except C.ConfigError as exc:
+    except (C.ConfigError, RunLockedError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

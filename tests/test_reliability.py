@@ -1,0 +1,168 @@
+"""Sweeps that survive: kill and resume, skip, config-hash refusal, divergence, failures, locks, launchers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ablation.runio import RunLockedError, atomic_write_text, run_lock
+from conftest import ROOT, train
+
+TIMING_KEYS = {"images_per_s", "train_time_s", "wall_time_s", "study"}
+SLOW = ("trainer.epochs=4", "data.train_size=512", "model.width=16")  # ~1 s per epoch
+
+
+def metrics(d: Path) -> dict:
+    return json.loads((d / "metrics.json").read_text())
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes_exactly(env):
+    results = Path(env["ABLATION_RESULTS"])
+    run_dir = results / "killed" / "wd-do-bn-beta-aug_seed0"
+    args = [sys.executable, "-m", "ablation.train", "budget=smoke", "logger=none", "regularizer=all",
+            "trainer.threads=1", *SLOW]
+    proc = subprocess.Popen([*args, "study=killed"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists():  # epoch 1 is done: we are inside epoch 2
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert metrics(run_dir)["status"] == "running"
+    # Every file left behind is whole: the checkpoint loads, the CSV and JSON parse.
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] >= 1
+    pd.read_csv(run_dir / "history.csv")
+
+    resumed = subprocess.run([*args, "study=killed"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint after epoch {ckpt['epoch']}" in resumed.stdout + resumed.stderr
+    straight = subprocess.run([*args, "study=straight"], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a, b = metrics(run_dir), metrics(results / "straight" / "wd-do-bn-beta-aug_seed0")
+    assert a["status"] == "completed"
+    for key in set(a) - TIMING_KEYS:
+        assert a[key] == b[key], key
+    ha, hb = (pd.read_csv(d / "history.csv") for d in (run_dir, results / "straight" / run_dir.name))
+    cols = [c for c in ha.columns if c not in ("images_per_s", "epoch_time_s")]
+    pd.testing.assert_frame_equal(ha[cols], hb[cols])
+
+
+def test_config_hash_mismatch_is_refused_unless_overwrite(env):
+    train("regularizer=none", "trainer.epochs=1", env=env)
+    run_dir = Path(env["ABLATION_RESULTS"]) / "main" / "none_seed0"
+    old = metrics(run_dir)
+    proc = train("regularizer=none", "trainer.epochs=2", env=env, check=False)
+    assert proc.returncode == 2
+    assert "holds a run with a different config" in proc.stderr and "overwrite=true" in proc.stderr
+    assert metrics(run_dir) == old, "the finished run is untouched"
+    train("regularizer=none", "trainer.epochs=2", "overwrite=true", env=env)
+    new = metrics(run_dir)
+    assert new["status"] == "completed" and new["epochs_completed"] == 2
+    assert new["config_hash"] != old["config_hash"]
+
+
+def test_divergence_is_recorded_and_the_sweep_goes_on(env):
+    proc = train("-m", "trainer.fault=nan_loss,null", "hydra.sweep.subdir=${run_name}_job${hydra.job.num}",
+                 env=env)
+    study = Path(env["ABLATION_RESULTS"]) / "main"
+    bad, good = metrics(study / "none_seed0_job0"), metrics(study / "none_seed0_job1")
+    assert bad["status"] == "diverged" and bad["diverged_epoch"] == 1 and bad["diverged_step"] == 1
+    assert good["status"] == "completed"
+    h = pd.read_csv(study / "none_seed0_job0" / "history.csv")
+    assert h[h.kind == "diverged"][["epoch", "step"]].values.tolist() == [[1, 1]]
+    assert "diverged" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_process_launchers_run_a_two_run_sweep(env, launcher):
+    train("-m", "regularizer=none,all", f"hydra/launcher={launcher}", "trainer.epochs=1", env=env, timeout=600)
+    study = Path(env["ABLATION_RESULTS"]) / "main"
+    for run in ("none_seed0", "wd-do-bn-beta-aug_seed0"):
+        m = metrics(study / run)
+        assert m["status"] == "completed", m.get("error")
+        if launcher == "joblib":
+            assert m["threads"] == max(1, len(os.sched_getaffinity(0)) // 2), "cores / n_jobs threads per job"
+
+
+def test_a_failing_job_is_recorded_and_the_joblib_sweep_completes(env):
+    proc = train("-m", "hydra/launcher=joblib", "trainer.fault=raise,null", "trainer.epochs=1",
+                 "hydra.sweep.subdir=${run_name}_job${hydra.job.num}", env=env, check=False, timeout=600)
+    assert proc.returncode == 1, "a multirun with a failed job exits 1 after all jobs ran"
+    study = Path(env["ABLATION_RESULTS"]) / "main"
+    failed, ok = metrics(study / "none_seed0_job0"), metrics(study / "none_seed0_job1")
+    assert failed["status"] == "failed" and "injected fault" in failed["error"]
+    assert ok["status"] == "completed"
+
+
+def test_slurm_launcher_composes_with_its_settings(env):
+    proc = subprocess.run([sys.executable, "-m", "ablation.train", "--cfg", "hydra",
+                           "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "SlurmLauncher" in out
+    for line in ("partition: gpu", "timeout_min: 240", "gpus_per_node: 1", "cpus_per_task: 8", "mem_gb: 32",
+                 "array_parallelism: 32"):
+        assert line in out, line
+
+
+def test_live_lock_is_refused_and_stale_lock_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "run.lock").write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        with pytest.raises(RunLockedError, match=f"locked by process {sleeper.pid}"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is dead now: its lock is stale and is taken over, then released.
+    with run_lock(run_dir) as lock:
+        assert lock.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_two_processes_never_share_a_run_directory(env):
+    """A second job on a locked run directory is refused with a clear message."""
+    results = Path(env["ABLATION_RESULTS"])
+    run_dir = results / "main" / "none_seed0"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "run.lock").write_text(f"{socket.gethostname()} {holder.pid}\n")
+        proc = train("regularizer=none", env=env, check=False)
+        assert proc.returncode == 2 and "is locked by process" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (run_dir / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    from ablation.runio import atomic_write
+    with pytest.raises(OSError, match=f"disk full.*could not write {target}"):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "the temp file is removed"
