@@ -167,7 +167,8 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
 
     wall_start = time.perf_counter()
     tags = [r for r, on in flags.items() if on] or ["none"]
-    wb_config = OmegaConf.to_container(cfg, resolve=True) | flags
+    # The resolved config, plus the five switches as top-level booleans to group and filter by in W&B.
+    wb_config = OmegaConf.to_container(cfg, resolve=True) | {f"reg_{k}": v for k, v in flags.items()}
     logger = wandb_logger.start(cfg.logger, run_dir=run_dir, name=cfg.run_name, group=cfg.study,
                                 job_type="train", tags=tags + list(cfg.logger.tags), config=wb_config,
                                 run_id=f"{cfg.study}-{cfg.run_name}-{chash[:8]}")

@@ -75,14 +75,17 @@ class WandbLogger(NullLogger):
 
     def __init__(self, run) -> None:
         self.run = run
+        self._row_open = False  # a history row logged with step= that W&B has not written yet
 
     def log(self, data: dict, step: int | None = None) -> None:
         self.run.log(data, step=step)
+        self._row_open = step is not None
 
     def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
         import wandb
 
         self.run.log({k: wandb.Image(str(p), caption=Path(p).name) for k, p in images.items()}, step=step)
+        self._row_open = step is not None
 
     def log_table(self, key: str, frame) -> None:
         import wandb
@@ -90,6 +93,9 @@ class WandbLogger(NullLogger):
         self.run.log({key: wandb.Table(dataframe=frame.reset_index(drop=True).astype(str))})
 
     def summary(self, metrics: dict) -> None:
+        if self._row_open:  # write the open row now: at finish() it would overwrite the keys it shares
+            self.run.log({}, commit=True)
+            self._row_open = False
         self.run.summary.update({k: v for k, v in metrics.items() if v is not None})
 
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
