@@ -134,6 +134,24 @@ def prepare(cfg: DictConfig) -> tuple[torch.device, str]:
     return device, budget
 
 
+def build_trainer(cfg: DictConfig, data, device: torch.device, run_dir: Path, logger) -> Trainer:
+    """The seeded model (channels_last and optionally compiled on CUDA) and its Trainer.
+
+    `data` is an ImageData already on `device`. The benchmark builds its suite loop here too.
+    """
+    seed_everything(cfg.seed)
+    model = build_model(cfg, data.image_size, data.channels).to(device)
+    step_model = model
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        step_model = torch.compile(model) if cfg.trainer.compile else model
+    settings = RunSettings.from_cfg(cfg)
+    if cfg.logger.backend == "wandb":
+        settings.log_interval = min(settings.log_interval, cfg.logger.log_interval)
+    return Trainer(model, data, settings, run_dir, logger, choose_precision(cfg.trainer.precision, device),
+                   step_model)
+
+
 def train(cfg: DictConfig) -> dict:
     """Train one run described by a composed config; return its metrics.json content."""
     device, budget = prepare(cfg)
@@ -178,17 +196,8 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
         seed_everything(cfg.seed)
         data = load_images(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
         data = subset(data, cfg.data.train_size, cfg.data.test_size, cfg.data.subset_seed).to(device)
-        seed_everything(cfg.seed)
-        model = build_model(cfg, data.image_size, data.channels).to(device)
-        step_model = model
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-            step_model = torch.compile(model) if cfg.trainer.compile else model
-        settings = RunSettings.from_cfg(cfg)
-        if cfg.logger.backend == "wandb":
-            settings.log_interval = min(settings.log_interval, cfg.logger.log_interval)
-        trainer = Trainer(model, data, settings, run_dir, logger, choose_precision(cfg.trainer.precision, device),
-                          step_model)
+        trainer = build_trainer(cfg, data, device, run_dir, logger)
+        model = trainer.model
         if resume:
             ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
             trainer.load_state_dict(ckpt)

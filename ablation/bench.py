@@ -1,0 +1,629 @@
+"""Throughput bench: the suite's training loop against a seed-style loop, the bare model step and evaluation.
+
+    python -m ablation.bench                         # widths 32 and 128, 3 repeats, results/bench/
+    python -m ablation.bench --tiny --no-rss         # generated data, width 8: well under a minute
+    python -m ablation.bench --data-root /path/cifar10-jpg.tar.gz --widths 32 --repeats 5
+    python -m ablation.bench --sweep                 # also runs/hour of the smoke factorial (slow)
+
+In one process, for each width, four loops are timed in alternating rounds
+(suite, seed-style, model step, eval, suite, seed-style, ...), after one warm-up round, and
+the medians are reported:
+
+suite        `Trainer.train_epoch()` of ablation.trainer, the loop `ablation.train` runs, built from a
+             config composed with Hydra (`regularizer=all logger=none`) on a fixed number of real
+             images; end to end: batch gathering and augmentation of the in-memory uint8 tensor included.
+seed_style   the seed's loop on the same images, model, width and regularizers: torchvision ImageFolder
+             (or CIFAR10) with PIL transforms in a DataLoader (batch 128, 2 persistent workers), Adam with
+             weight decay 1e-4, `vae_loss` with beta 4 and `loss.item()` every step.
+model_step   forward, loss, backward and Adam step on one fixed in-memory float batch: the ceiling for
+             any data pipeline.
+eval         `ablation.evaluate.evaluate` on the test images (inference mode, eval batch from the config).
+
+It also counts the model's FLOPs per image (torch.utils.flop_counter), measures the machine's fp32
+matmul peak, and derives each loop's fraction of the FLOP-limit images/s; and it measures the peak
+RSS of a `budget=cpu` training run in a subprocess. Results go to results/bench/bench.json (`--out`)
+and a Markdown table beside it (bench.md). Targets are reported with "target met", never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import config as C
+from .data import detect_layout, load_images, stratified_indices, subset, to_unit_range
+from .evaluate import evaluate
+from .model import build_model
+from .objective import vae_loss
+from .runio import atomic_write_json, atomic_write_text, read_json
+from .train import build_trainer, choose_precision, choose_threads, prepare
+from .trainer import RunSettings, make_optimizer, seed_everything
+from .wandb_logger import NullLogger
+
+log = logging.getLogger("ablation.bench")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path("results/bench/bench.json")
+LOOPS = ("suite", "seed_style", "model_step", "eval")
+# Images per repeat of the training loops: a few seconds each on a 2-core CPU.
+DEFAULT_IMAGES = {32: 2048, 128: 512}
+TINY_WIDTH, TINY_IMAGES, TINY_TRAIN, TINY_TEST = 8, 256, 256, 128
+
+# Targets (reported, never asserted). suite/seed-style depends on the width.
+TARGET_SUITE_VS_SEED = {32: 2.5, 128: 1.3}
+TARGET_SUITE_VS_STEP = 0.9
+TARGET_EVAL_VS_TRAIN = 3.0
+TARGET_RSS_GIB = 2.0
+
+# The seed's settings, spelled out for the seed-style loop.
+SEED_BATCH, SEED_WORKERS, SEED_LR, SEED_WEIGHT_DECAY, SEED_BETA = 128, 2, 1e-3, 1e-4, 4.0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def default_images(width: int) -> int:
+    """Images per repeat: 2048 at width 32, 512 at 128; cost ~ width^2 elsewhere (whole batches)."""
+    if width in DEFAULT_IMAGES:
+        return DEFAULT_IMAGES[width]
+    n = 2048 * (32 / width) ** 2
+    return int(min(8192, max(256, round(n / 128) * 128)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], int], device: torch.device) -> tuple[int, float]:
+    """(images processed, seconds) of fn(), with the device drained before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    n = fn()
+    _sync(device)
+    return n, time.perf_counter() - start
+
+
+def _override_value(value: str) -> str:
+    """A path as a Hydra override value: quoted when it holds characters the grammar treats specially."""
+    safe = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./~+@:")
+    if value and all(ch in safe for ch in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def compose_config(overrides: list[str]):
+    """The primary config composed with Hydra's compose API, as `python -m ablation.train <overrides>`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(C.CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ----------------------------------------------------------------------------- FLOPs and peak
+
+
+def matmul_peak_gflops(device: torch.device, n: int, reps: int = 5, dtype=torch.float32) -> dict:
+    """Best-of-`reps` GFLOP/s of an n x n torch.mm (2 n^3 flops) with the current thread count."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.mm(a, b)  # warm-up: thread pool, BLAS/cuBLAS initialisation
+
+    def mm() -> int:
+        torch.mm(a, b, out=out)
+        return n
+
+    samples = []
+    for _ in range(reps):
+        _, seconds = _timed(mm, device)
+        samples.append(2 * n ** 3 / max(seconds, 1e-12) / 1e9)
+    return {"gflops": max(samples), "n": n, "dtype": str(dtype).replace("torch.", ""), "samples_gflops": samples}
+
+
+def count_flops(cfg, images: torch.Tensor, settings: RunSettings, device: torch.device, autocast) -> dict:
+    """FLOPs per image of one training step (forward + backward) and of one eval forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg, images.shape[-1], images.shape[1]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    x = to_unit_range(images[:settings.batch_size].to(device))
+    ctx = autocast or contextlib.nullcontext
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        with ctx():
+            x_hat, mu, logvar = model(x)
+        vae_loss(x_hat, x, mu, logvar, settings.beta).total.backward()
+    train = counter.get_total_flops() / x.shape[0]
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with ctx():
+            model(x)
+    forward = counter.get_total_flops() / x.shape[0]
+    return {"train_per_image": train, "forward_per_image": forward, "batch": int(x.shape[0])}
+
+
+# ----------------------------------------------------------------------------- the seed-style dataset
+
+
+def extract_once(archive: Path, cache_dir: Path) -> Path:
+    """Unpack `archive` under cache_dir/extracted/ once (keyed by path, size and mtime); return the folder."""
+    stat = archive.stat()
+    key = f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    dest = cache_dir / "extracted" / f"{archive.name.split('.')[0]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():  # an interrupted extraction
+        shutil.rmtree(dest, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    log.info("extracting %s to %s for the seed-style loop (once)", archive, dest)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:  # pragma: no cover - Python without extraction filters
+                tar.extractall(tmp)
+        (tmp / ".complete").touch()
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first
+            if not marker.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def seed_dataset(root: str | os.PathLike, cache_dir: str | os.PathLike, image_size: int):
+    """The training split as the seed read it: torchvision ImageFolder (or CIFAR10) with PIL transforms."""
+    from torchvision import datasets, transforms as T
+
+    transform = T.Compose([T.RandomHorizontalFlip(), T.RandomCrop(image_size, padding=4), T.ToTensor(),
+                           T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    root = Path(root).expanduser()
+    layout = detect_layout(root)
+    if layout == "archive":
+        root = extract_once(root, Path(cache_dir).expanduser())
+        layout = detect_layout(root)
+    if layout == "cifar10":
+        base = root.parent if root.name == "cifar-10-batches-py" else root
+        if not (base / "cifar-10-batches-py").is_dir():  # an unpacked archive: root/<name>/cifar-10-batches-py
+            base = next(p.parent for p in base.rglob("cifar-10-batches-py") if p.is_dir())
+        return datasets.CIFAR10(str(base), train=True, download=False, transform=transform)
+    if layout != "imagefolder":
+        raise C.ConfigError(f"data.root '{root}' is not readable by the seed-style loop (layout {layout})")
+    while not (root / "train").is_dir():  # root/<name>/{train,test}
+        root = next(c for c in sorted(root.iterdir()) if c.is_dir() and not c.name.startswith("."))
+    return datasets.ImageFolder(str(root / "train"), transform=transform)
+
+
+# ----------------------------------------------------------------------------- one width
+
+
+class WidthBench:
+    """The four loops of one width, each with its own model and optimizer built from one composed config."""
+
+    def __init__(self, cfg, full, device: torch.device, images: int, run_dir: Path, seed_ds) -> None:
+        self.cfg, self.device = cfg, device
+        self.autocast = choose_precision(cfg.trainer.precision, device)
+        self.settings = s = RunSettings.from_cfg(cfg)
+        # -- suite: exactly what ablation.train._run builds, then Trainer.train_epoch()
+        self.data = subset(full, images, cfg.data.test_size, cfg.data.subset_seed).to(device)
+        self.trainer = build_trainer(cfg, self.data, device, run_dir, NullLogger())
+        self.images = int(self.data.train_x.shape[0])
+        self.eval_images = int(self.data.test_x.shape[0])
+
+        # -- seed-style: the same images (the suite's stratified subset indices), a fresh model
+        from torch.utils.data import DataLoader, Subset
+
+        idx = stratified_indices(full.train_y, images, cfg.data.subset_seed)
+        targets = torch.as_tensor(seed_ds.targets)[idx]
+        self.same_images = bool(torch.equal(targets, full.train_y[idx].cpu()))
+        if not self.same_images:
+            log.warning("the seed-style dataset's labels differ from the suite's at the subset indices; "
+                        "the two loops may see different images")
+        self.loader = DataLoader(Subset(seed_ds, idx.tolist()), batch_size=SEED_BATCH, shuffle=True,
+                                 num_workers=SEED_WORKERS, persistent_workers=True)
+        seed_everything(cfg.seed)
+        self.seed_model = build_model(cfg, self.data.image_size, self.data.channels).to(device)
+        self.seed_opt = torch.optim.Adam(self.seed_model.parameters(), lr=SEED_LR, weight_decay=SEED_WEIGHT_DECAY)
+
+        # -- model step: one fixed float batch, a fresh model, the suite's optimizer and autocast
+        seed_everything(cfg.seed)
+        self.step_model = build_model(cfg, self.data.image_size, self.data.channels).to(device)
+        if device.type == "cuda":
+            self.step_model = self.step_model.to(memory_format=torch.channels_last)
+        self.step_opt = make_optimizer(self.step_model, s)
+        self.step_x = to_unit_range(self.data.train_x[:s.batch_size])
+        self.step_count = len(self.trainer.batches)
+
+    def suite(self) -> int:
+        self.trainer.train_epoch()
+        return self.images
+
+    def seed_style(self) -> int:
+        model, opt, n = self.seed_model, self.seed_opt, 0
+        model.train()
+        for x, _ in self.loader:
+            x = x.to(self.device)
+            x_hat, mu, logvar = model(x)
+            loss = vae_loss(x_hat, x, mu, logvar, SEED_BETA).total
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+            n += x.shape[0]
+        return n
+
+    def model_step(self) -> int:
+        model, opt, x, s = self.step_model, self.step_opt, self.step_x, self.settings
+        model.train()
+        for _ in range(self.step_count):
+            with self.autocast() if self.autocast else contextlib.nullcontext():
+                x_hat, mu, logvar = model(x)
+            loss = vae_loss(x_hat, x, mu, logvar, s.beta).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return self.step_count * x.shape[0]
+
+    def eval(self) -> int:
+        evaluate(self.trainer.model, self.data.test_x, self.settings.beta, self.settings.eval_batch_size,
+                 self.autocast)
+        return self.eval_images
+
+    def close(self) -> None:
+        self.loader = None  # shuts the persistent workers down
+        gc.collect()
+
+
+def bench_width(cfg, full, device: torch.device, images: int, repeats: int, warmup: int, seed_ds,
+                sample_peak: Callable[[], None]) -> dict:
+    """Alternating rounds of the four loops (one matmul-peak sample after each round); medians.
+
+    The FLOP-limit fractions are filled in later by `apply_peak`, once the best peak of the
+    whole process is known (a peak sampled while the machine was busy would flatter every loop).
+    """
+    width = int(cfg.model.width)
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as run_dir:
+        wb = WidthBench(cfg, full, device, images, Path(run_dir), seed_ds)
+        try:
+            flops = count_flops(cfg, wb.data.train_x, wb.settings, device, wb.autocast)
+            samples: dict[str, list[tuple[int, float]]] = {name: [] for name in LOOPS}
+            for r in range(warmup + repeats):
+                tag = "warm-up" if r < warmup else f"repeat {r - warmup + 1}/{repeats}"
+                for name in LOOPS:  # alternating: A, B, C, D, A, B, C, D, ...
+                    n, seconds = _timed(getattr(wb, name), device)
+                    if r >= warmup:
+                        samples[name].append((n, seconds))
+                    log.info("width %d %s: %-10s %6d images in %6.2f s = %8.1f images/s", width, tag, name, n,
+                             seconds, n / seconds)
+                sample_peak()
+        finally:
+            wb.close()
+    loops = {}
+    for name, runs in samples.items():
+        rates = [n / s for n, s in runs]
+        loops[name] = {"images_per_s": statistics.median(rates), "samples_images_per_s": rates,
+                       "seconds": [s for _, s in runs], "images": runs[0][0]}
+    suite = loops["suite"]["images_per_s"]
+    ratios = {
+        "suite_vs_seed_style": _ratio(suite / loops["seed_style"]["images_per_s"], TARGET_SUITE_VS_SEED.get(width)),
+        "suite_vs_model_step": _ratio(suite / loops["model_step"]["images_per_s"], TARGET_SUITE_VS_STEP),
+        "eval_vs_train": _ratio(loops["eval"]["images_per_s"] / suite, TARGET_EVAL_VS_TRAIN),
+    }
+    return {
+        "width": width, "images": wb.images, "eval_images": wb.eval_images, "batch_size": wb.settings.batch_size,
+        "eval_batch_size": wb.settings.eval_batch_size, "seed_style_same_images": wb.same_images,
+        "flops": flops, "loops": loops, "ratios": ratios,
+    }
+
+
+def apply_peak(width_result: dict, peak_gflops: float) -> None:
+    """FLOP-limit images/s (peak / FLOPs per image) and each loop's fraction of it; eval against the forward."""
+    flops = width_result["flops"]
+    flops["peak_fp32_gflops"] = peak_gflops
+    flops["flop_limit_train_images_per_s"] = peak_gflops * 1e9 / flops["train_per_image"]
+    flops["flop_limit_eval_images_per_s"] = peak_gflops * 1e9 / flops["forward_per_image"]
+    for name, loop in width_result["loops"].items():
+        limit = flops["flop_limit_eval_images_per_s" if name == "eval" else "flop_limit_train_images_per_s"]
+        loop["fraction_of_flop_limit"] = loop["images_per_s"] / limit
+
+
+def _ratio(value: float, target: float | None) -> dict:
+    return {"value": value, "target": target, "met": None if target is None else bool(value >= target)}
+
+
+# ----------------------------------------------------------------------------- subprocess measurements
+
+
+def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, int, float]:
+    """Run cmd to completion; (exit code, its peak RSS in KiB, seconds).
+
+    The RSS is the child's own `ru_maxrss` from wait4 (the counter behind
+    getrusage(RUSAGE_CHILDREN), scoped to this child so that other children of the bench,
+    such as DataLoader workers, cannot leak into it).
+    """
+    start = time.perf_counter()
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.perf_counter() - start > timeout:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.1)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, int(usage.ru_maxrss), time.perf_counter() - start
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def measure_rss(budget: str, data_overrides: list[str], device: str, timeout: float = 1800) -> dict:
+    """Peak RSS of `python -m ablation.train budget=<budget> trainer.epochs=1 ...` in a fresh results dir."""
+    cmd = [sys.executable, "-m", "ablation.train", f"budget={budget}", "trainer.epochs=1", "logger=none",
+           "regularizer=all", "study=bench-rss", "overwrite=true", f"trainer.device={device}", *data_overrides]
+    with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
+        env = os.environ | {"ABLATION_RESULTS": tmp}
+        log.info("peak RSS: %s", " ".join(cmd[1:]))
+        rc, kib, seconds = _run_child(cmd, env, Path(tmp) / "train.log", timeout)
+        out = {"command": " ".join(["python", *cmd[1:]]), "budget": budget, "returncode": rc,
+               "peak_rss_kib": kib, "peak_rss_gib": kib / 2 ** 20, "seconds": seconds,
+               "rusage_children_maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+               "target_gib": TARGET_RSS_GIB, "met": bool(rc == 0 and kib / 2 ** 20 <= TARGET_RSS_GIB)}
+        if rc != 0:
+            out["error"] = _tail(Path(tmp) / "train.log")
+            log.error("the RSS run failed (exit %d):\n%s", rc, out["error"])
+    return out
+
+
+def measure_sweep(data_overrides: list[str], device: str, configs=((1, 2), (2, 1)), timeout: float = 3600) -> dict:
+    """Runs per hour of the smoke-budget 2^5 factorial with the joblib launcher, per (jobs, threads)."""
+    results = []
+    for jobs, threads in configs:
+        cmd = [sys.executable, "-m", "ablation.train", "-m", "+sweep=factorial", "budget=smoke", "logger=none",
+               "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"trainer.threads={threads}",
+               f"trainer.device={device}", *data_overrides]
+        with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+            env = os.environ | {"ABLATION_RESULTS": tmp}
+            log.info("sweep: %d jobs x %d threads: %s", jobs, threads, " ".join(cmd[1:]))
+            rc, kib, seconds = _run_child(cmd, env, Path(tmp) / "sweep.log", timeout)
+            statuses = [_status(p) for p in Path(tmp).rglob("metrics.json")]
+            completed = sum(st == "completed" for st in statuses)
+            row = {"jobs": jobs, "threads": threads, "returncode": rc, "runs": len(statuses),
+                   "completed": completed, "wall_s": seconds, "runs_per_hour": completed / seconds * 3600,
+                   "peak_rss_kib": kib, "command": " ".join(["python", *cmd[1:]])}
+            if rc != 0:
+                row["error"] = _tail(Path(tmp) / "sweep.log")
+                log.error("the sweep failed (exit %d):\n%s", rc, row["error"])
+            log.info("sweep: %d jobs x %d threads: %d runs completed in %.0f s = %.0f runs/h", jobs, threads,
+                     completed, seconds, row["runs_per_hour"])
+            results.append(row)
+    best = max(results, key=lambda r: r["runs_per_hour"])
+    return {"budget": "smoke", "configs": results, "best": {"jobs": best["jobs"], "threads": best["threads"]}}
+
+
+def _status(path: Path) -> str | None:
+    return (read_json(path) or {}).get("status")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _met(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "no")
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = [
+        "# Throughput bench",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, device "
+        f"{m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}.",
+        f"Data: `{s['data_root']}`{' (tiny, generated)' if s['tiny'] else ''}. Medians of {s['repeats']} "
+        f"alternating repeats after {s['warmup']} warm-up round(s).",
+        f"Peak fp32 matmul: {_fmt(result['peak']['gflops'], 1)} GFLOP/s ({result['peak']['n']}x{result['peak']['n']} "
+        f"torch.mm, best of {len(result['peak']['samples_gflops'])} spread over the run).",
+        "",
+        "| width | loop | images | images/s (median) | samples | FLOPs/image | FLOP-limit images/s | % of limit |",
+        "|---:|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for key, w in result["widths"].items():
+        fl = w["flops"]
+        for name in LOOPS:
+            loop = w["loops"][name]
+            per = fl["forward_per_image"] if name == "eval" else fl["train_per_image"]
+            limit = fl["flop_limit_eval_images_per_s"] if name == "eval" else fl["flop_limit_train_images_per_s"]
+            samples = ", ".join(f"{r:,.0f}" for r in loop["samples_images_per_s"])
+            lines.append(f"| {key} | {name} | {loop['images']} | {_fmt(loop['images_per_s'], 1)} | {samples} | "
+                         f"{per / 1e6:,.1f} M | {_fmt(limit, 0)} | {100 * loop['fraction_of_flop_limit']:.1f}% |")
+    lines += ["", "| check | width | value | target | target met |", "|---|---:|---:|---:|---|"]
+    names = {"suite_vs_seed_style": "suite / seed-style images/s", "suite_vs_model_step": "suite / model step images/s",
+             "eval_vs_train": "eval / train (suite) images/s"}
+    for key, w in result["widths"].items():
+        for rname, label in names.items():
+            r = w["ratios"][rname]
+            target = "n/a" if r["target"] is None else f">= {r['target']:g}x"
+            lines.append(f"| {label} | {key} | {r['value']:.2f}x | {target} | {_met(r['met'])} |")
+    rss = result.get("rss")
+    if rss:
+        value = f"{rss['peak_rss_gib']:.2f} GiB" if rss["returncode"] == 0 else f"failed (exit {rss['returncode']})"
+        lines.append(f"| peak RSS, budget={rss['budget']} training run | - | {value} | <= {TARGET_RSS_GIB:g} GiB | "
+                     f"{_met(rss['met'])} |")
+    sweep = result.get("sweep")
+    if sweep:
+        lines += ["", f"Sweep throughput: `+sweep=factorial budget={sweep['budget']}` with the joblib launcher.", "",
+                  "| jobs | threads/job | runs completed | wall s | runs/hour |", "|---:|---:|---:|---:|---:|"]
+        for row in sweep["configs"]:
+            lines.append(f"| {row['jobs']} | {row['threads']} | {row['completed']}/{row['runs']} | "
+                         f"{row['wall_s']:.0f} | {row['runs_per_hour']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ablation.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--widths", type=int, nargs="+", default=None, help="model widths (default: 32 128; tiny: 8)")
+    p.add_argument("--images", type=int, default=None,
+                   help="training images per repeat (default: 2048 at width 32, 512 at 128; tiny: 256)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="test images for the eval loop (default: the budget's test_size: cpu 2000, tiny 128)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of each loop (default 3; tiny 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds before the repeats (default 1)")
+    p.add_argument("--tiny", action="store_true",
+                   help="width 8, generated data, a few steps: a self-check that finishes in well under a minute")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (CUDA when available) | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: all cores, as in training)")
+    p.add_argument("--data-root", default=None,
+                   help="data.root (default: the composed config's, i.e. $ABLATION_DATA or data/cifar10)")
+    p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the peak RSS of a budget=cpu training run (budget=smoke with --tiny); default on")
+    p.add_argument("--sweep", action="store_true",
+                   help="also measure runs/hour of the smoke factorial sweep, 1 job x 2 threads vs 2 jobs x 1 (slow)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"bench.json path (default {DEFAULT_OUT}); the Markdown table goes beside it as .md")
+    args = p.parse_args(argv)
+    for name in ("images", "eval_images", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.widths is not None and min(args.widths) < 1:
+        p.error("--widths must be >= 1")
+    if args.warmup < 0 or args.threads < 0:
+        p.error("--warmup and --threads must be >= 0")
+    if args.tiny:
+        args.widths = args.widths or [TINY_WIDTH]
+        args.repeats = args.repeats or 1
+        args.images = args.images or TINY_IMAGES
+    args.widths = args.widths or [32, 128]
+    args.repeats = args.repeats or 3
+    return args
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict:
+    common = ["regularizer=all", "logger=none", f"budget={'smoke' if args.tiny else 'cpu'}",
+              f"trainer.device={args.device}"]
+    if args.tiny and not args.data_root:
+        from .synthetic import make_imagefolder
+
+        args.data_root = str(make_imagefolder(tmp / "data", n_train=TINY_TRAIN, n_test=TINY_TEST))
+    if args.data_root:
+        common.append(f"data.root={_override_value(str(Path(args.data_root).expanduser().resolve()))}")
+    if args.tiny:
+        common.append(f"data.cache_dir={_override_value(str(tmp / 'cache'))}")  # keep ~/.cache clean
+    if args.eval_images:
+        common.append(f"data.test_size={args.eval_images}")
+
+    base = compose_config(common)
+    device, _ = prepare(base)
+    if device.type == "cpu":
+        torch.set_num_threads(choose_threads(args.threads, None))
+    else:
+        torch.backends.cudnn.benchmark = True
+    root, cache_dir = str(base.data.root), str(base.data.cache_dir)
+    log.info("bench on %s (%d threads), data %s", device, torch.get_num_threads(), root)
+    full = load_images(root, base.data.download, cache_dir)
+    data_overrides = [f"data.root={_override_value(root)}", f"data.cache_dir={_override_value(cache_dir)}"]
+
+    result = {"machine": machine_info(device),
+              "settings": {"tiny": args.tiny, "repeats": args.repeats, "warmup": args.warmup, "widths": args.widths,
+                           "data_root": root, "loops": list(LOOPS), "overrides": common}}
+    n = 1024 if args.tiny else (8192 if device.type == "cuda" else 2048)
+    peak = result["peak"] = matmul_peak_gflops(device, n, reps=3 if args.tiny else 5)
+    if device.type == "cuda":
+        result["peak_bf16"] = matmul_peak_gflops(device, n, reps=5, dtype=torch.bfloat16)
+
+    def sample_peak() -> None:  # one more best-of-3 after every round: the best of the whole process counts
+        peak["samples_gflops"] += matmul_peak_gflops(device, n, reps=3)["samples_gflops"]
+        peak["gflops"] = max(peak["samples_gflops"])
+
+    seed_ds = seed_dataset(root, cache_dir, full.image_size)
+    result["widths"] = {}
+    for width in args.widths:
+        images = args.images or default_images(width)
+        cfg = compose_config(common + [f"model.width={width}"])
+        prepare(cfg)
+        result["widths"][str(width)] = bench_width(cfg, full, device, images, args.repeats, args.warmup,
+                                                   seed_ds, sample_peak)
+    log.info("peak fp32 matmul: %.1f GFLOP/s (best of %d)", peak["gflops"], len(peak["samples_gflops"]))
+    for width_result in result["widths"].values():
+        apply_peak(width_result, peak["gflops"])
+    if args.rss:
+        result["rss"] = measure_rss("smoke" if args.tiny else "cpu", data_overrides, args.device)
+    if args.sweep:
+        result["sweep"] = measure_sweep(data_overrides, args.device)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            result = run(args, Path(tmp))
+    except C.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    atomic_write_json(args.out, result)
+    md = markdown(result)
+    atomic_write_text(args.out.with_suffix(".md"), md)
+    print(md)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
