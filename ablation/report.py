@@ -1,0 +1,339 @@
+"""Render a study's report: results/<study>/report.md and a self-contained report.html.
+
+report.md is readable on GitHub: markdown tables and figures linked relatively (figures/*.png).
+report.html is the same document with every image embedded as a base64 data URI.
+
+The none-vs-all table is a pure function of runs.csv: for each setting group,
+`render_comparison_markdown(comparison_table(group_runs))` is in report.md verbatim.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import markdown as md_lib
+import pandas as pd
+
+from .analysis import (ALL_ON, METRICS, REGULARIZERS, SHORT, STATISTICS, NotEstimable, cell_summary,
+                       comparison_table, has_comparison, interaction_effects, main_effects, normalize,
+                       setting_groups)
+from .runio import atomic_write_text
+
+STATUS_NOTES = {
+    "running": "no final metrics yet (in progress, or killed before finishing)",
+    "failed": "the run raised an error",
+    "diverged": "non-finite loss or gradient norm; counted in the diverged-runs row",
+    "invalid": "metrics.json unreadable",
+    "completed": "completed, but a file is missing or inconsistent",
+}
+
+
+@dataclass
+class ReportResult:
+    """What write_report produced: the two documents, the figures and the tables (for W&B)."""
+
+    markdown: Path
+    html: Path
+    figures: list[Path] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- formatting
+
+
+def num(x, digits: int = 4, sign: bool = False) -> str:
+    """`digits` significant digits, without an exponent for 0.001 <= |x| < 1e6; 'n/a' when missing."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    if not math.isfinite(x):
+        return "n/a"
+    plus = "+" if sign else ""
+    if x == 0 or not 1e-3 <= abs(x) < 1e6:
+        return f"{x:{plus}.{digits}g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:{plus}.{decimals}f}"
+
+
+def pvalue(p) -> str:
+    """A p-value to 3 decimals, or in scientific notation below 0.001; '—' when no test was run."""
+    if p is None or not math.isfinite(float(p)):
+        return "—"
+    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) and value else "—"
+
+
+def md_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table of `frame` (cells as strings, '|' escaped)."""
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _cell(mean, ci, n, kind: str) -> str:
+    n = int(n)
+    if kind == "count":
+        return f"{int(mean)} of {n}" if n else "no runs"
+    if n == 0:
+        return "n/a (n=0)"
+    if n == 1:
+        return f"{num(mean)} (n=1)"
+    return f"{num(mean)} ± {num(ci, 2)} (n={n})"
+
+
+def _delta(row) -> str:
+    if row.kind == "count" or not (row.none_n and row.all_n):
+        return "—"
+    return num(float(row.all_mean) - float(row.none_mean), sign=True)
+
+
+def comparison_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The comparison table with formatted cells, as shown in the report."""
+    return pd.DataFrame({
+        "Aspect": table["aspect"], "Metric": table["label"], "Seed report": table["seed_claim"].map(_text),
+        "none": [_cell(r.none_mean, r.none_ci, r.none_n, r.kind) for r in table.itertuples()],
+        "all": [_cell(r.all_mean, r.all_ci, r.all_n, r.kind) for r in table.itertuples()],
+        "Δ (all − none)": [_delta(r) for r in table.itertuples()],
+        "p (Welch)": table["p_value"].map(pvalue), "Verdict": table["verdict"],
+        "Note": table["note"].map(lambda v: v if isinstance(v, str) else ""),
+    })
+
+
+def render_comparison_markdown(table: pd.DataFrame) -> str:
+    """The markdown of a comparison_table() frame; report.md holds it verbatim."""
+    return md_table(comparison_display(table))
+
+
+def _effect_cell(row) -> str:
+    if not math.isfinite(row.ci_low):
+        return f"{num(row.estimate)} (no CI)"
+    text = f"{num(row.estimate)} [{num(row.ci_low)}, {num(row.ci_high)}]"
+    return f"**{text}**" if row.ci_low > 0 or row.ci_high < 0 else text
+
+
+def effects_display(effects: pd.DataFrame) -> pd.DataFrame:
+    """Effects as a metric × term grid of 'estimate [95% CI]' (bold when the CI excludes 0)."""
+    cells = effects.assign(cell=[_effect_cell(r) for r in effects.itertuples()],
+                           Metric=effects["metric"].map(lambda k: f"{METRICS[k].label} ({METRICS[k].unit})"))
+    grid = cells.pivot(index="Metric", columns="term", values="cell")
+    grid = grid.reindex(index=list(dict.fromkeys(cells["Metric"])), columns=list(dict.fromkeys(cells["term"])))
+    return grid.fillna("—").reset_index().rename(columns=lambda c: c.replace("_", " "))
+
+
+def _df_note(effects: pd.DataFrame) -> str:
+    df = sorted(set(effects["df_resid"].astype(int)))
+    n = sorted(set(effects["n"].astype(int)))
+    text = f"OLS on n = {', '.join(map(str, n))} runs, residual df = {', '.join(map(str, df))}."
+    if 0 in df:
+        text += (" **Residual df is 0** (as many runs as terms): the estimates have no confidence intervals "
+                 "or tests; add seeds.")
+    return text
+
+
+def render_effects_markdown(effects: pd.DataFrame) -> str:
+    """Main effects (or interactions) table with its OLS note; bold = the 95% CI excludes 0."""
+    return _df_note(effects) + "\n\n" + md_table(effects_display(effects))
+
+
+def render_cells_markdown(cells: pd.DataFrame) -> str:
+    """Runs per regularizer combination, by status, with the seed-to-seed std of test recon."""
+    display = pd.DataFrame({
+        "Combination": cells["combo"],
+        **{SHORT[r]: cells[r].map({True: "on", False: "off"}) for r in REGULARIZERS},
+        "In statistics": cells["included"], "Diverged": cells["diverged"], "Failed": cells["failed"],
+        "Running": cells["running"], "Other excluded": cells["other_excluded"],
+        "Test recon mean (SSE/image)": cells["test_recon_mean"].map(num),
+        "Seed std of test recon": cells["test_recon_seed_std"].map(num),
+    })
+    return md_table(display)
+
+
+def _integer(value, missing: str = "n/a") -> str:
+    """An integer setting as text; `missing` when absent (a null data size means the whole split)."""
+    try:
+        return str(int(value))
+    except (TypeError, ValueError):
+        return missing
+
+
+def render_settings_markdown(runs: pd.DataFrame, settings_hash: str) -> str:
+    """The settings of one group (from config.yaml via runs.csv): budget, epochs, width, data sizes."""
+    known = runs[runs["budget"].notna()]
+    value = (known.iloc[0] if len(known) else pd.Series(dtype=object)).get
+    display = pd.DataFrame([{
+        "settings_hash": f"`{settings_hash}`", "budget": value("budget") or "n/a",
+        "epochs": _integer(value("epochs")), "width": _integer(value("width")),
+        "latent dim": _integer(value("latent_dim")), "batch size": _integer(value("batch_size")),
+        "train images": _integer(value("train_size"), "all"), "test images": _integer(value("test_size"), "all"),
+        "runs": len(runs),
+    }])
+    return md_table(display)
+
+
+def render_excluded_markdown(runs: pd.DataFrame) -> str:
+    """Every run left out of the statistics, with its status and the reason."""
+    excluded = normalize(runs)
+    excluded = excluded[~excluded["included"]]
+    if excluded.empty:
+        return "None: every run is completed and readable."
+    display = pd.DataFrame({
+        "Run": excluded["run_name"].map(lambda r: f"`{r}`"), "Status": excluded["status"],
+        "Setting group": excluded["settings_hash"].map(lambda h: f"`{h[:8]}`" if isinstance(h, str) else "unknown"),
+        "Reason": excluded["excluded_reason"].map(_text),
+    })
+    return md_table(display)
+
+
+def render_appendix_markdown() -> str:
+    """Definitions of every metric and statistic in the report."""
+    lines = ["## Appendix: definitions", "", "### Metrics (one value per run)", ""]
+    lines += [f"- **{m.label}** ({m.unit}), `{m.key}`: {m.definition}" for m in METRICS.values()]
+    lines += ["", "### Statistics (over runs)", ""]
+    lines += [f"- **{name}**: {text}" for name, text in STATISTICS.items()]
+    lines += ["", "### Run statuses", ""]
+    lines += [f"- **{s}**: {text}" for s, text in STATUS_NOTES.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- assembly
+
+TOTAL_LOSS_NOTE = ("Total losses (test_loss = recon + β·KL) are not compared: `all` trains with β = 4 and `none` "
+                   "with β = 1, so the two totals weigh the KL differently. The β-independent rows (neg. ELBO, "
+                   "bits/dim) compare the fit on one scale.")
+
+
+def _comparison_section(runs: pd.DataFrame, key: str, tables: dict) -> list[str]:
+    lines = ["### regularizer=none vs regularizer=all", ""]
+    if not has_comparison(runs):
+        return lines + ["No finished run of regularizer=none or regularizer=all in this group.", ""]
+    table = comparison_table(runs)
+    tables[f"comparison/{key}"] = comparison_display(table)
+    return lines + [
+        f"`none` = all five regularizers off; `all` = `{ALL_ON}` (all five on). Cells: mean ± 95% CI half-width "
+        "over seeds (n runs). Verdicts describe `all` relative to `none`: the seed report's word when a two-sided "
+        "Welch t-test gives p < 0.05 in its direction, its opposite when p < 0.05 the other way.", "",
+        render_comparison_markdown(table), "", TOTAL_LOSS_NOTE, ""]
+
+
+def _effects_section(runs: pd.DataFrame, key: str, tables: dict) -> tuple[list[str], pd.DataFrame | None]:
+    lines = ["### Factorial effects", ""]
+    try:
+        effects = main_effects(runs)
+    except NotEstimable as exc:
+        return lines + [f"Main effects not estimable: {exc}.", ""], None
+    tables[f"main_effects/{key}"] = effects
+    lines += ["Main effect of each regularizer (on − off, averaged over the other factors) with its 95% CI.", "",
+              render_effects_markdown(effects), ""]
+    try:
+        interactions = interaction_effects(runs)
+    except NotEstimable as exc:
+        return lines + [f"Two-way interactions not estimated: {exc}.", ""], effects
+    tables[f"interactions/{key}"] = interactions
+    lines += ["Two-way interactions (OLS with every main effect and every pairwise product), 95% CI.", "",
+              render_effects_markdown(interactions), ""]
+    return lines, effects
+
+
+def _group_section(study_dir: Path, settings_hash: str, runs: pd.DataFrame, history: pd.DataFrame,
+                   prefix: str, result: ReportResult) -> list[str]:
+    from .figures import group_figures
+
+    key = settings_hash[:8]
+    cells = cell_summary(runs)
+    result.tables[f"cells/{key}"] = cells
+    lines = [f"## Setting group `{key}`", "", render_settings_markdown(runs, settings_hash), "",
+             "### Runs per cell", "", render_cells_markdown(cells), ""]
+    lines += _comparison_section(runs, key, result.tables)
+    effect_lines, effects = _effects_section(runs, key, result.tables)
+    lines += effect_lines
+    group_history = history[history["settings_hash"].astype(str) == settings_hash] if len(history) else history
+    figures = group_figures(study_dir, runs, group_history, effects, prefix)
+    lines += ["### Figures", ""]
+    for caption, path in figures:
+        result.figures.append(path)
+        lines += [f"**{caption}**", "", f"![{caption}]({path.relative_to(study_dir).as_posix()})", ""]
+    if not figures:
+        lines += ["No figures: no included runs to plot.", ""]
+    return lines
+
+
+def _header(study_dir: Path, runs: pd.DataFrame, groups: list) -> list[str]:
+    runs = normalize(runs)
+    counts = runs["status"].value_counts()
+    status_text = ", ".join(f"{n} {s}" for s, n in counts.items())
+    lines = [f"# VAE regularizer ablation: study `{study_dir.name}`", "",
+             f"Generated by `python -m ablation.analysis` from {len(runs)} run directories ({status_text}); "
+             f"{int(runs['included'].sum())} runs are in the statistics, {int((~runs['included']).sum())} are "
+             f"excluded (see [Excluded runs](#excluded-runs)). Per-run values: `runs.csv`; per-epoch values: "
+             f"`history.csv`.", ""]
+    if len(groups) > 1:
+        lines += [f"> **{len(groups)} setting groups.** These runs differ in non-regularizer settings "
+                  f"(settings_hash); runs of different groups are never pooled, and each group is reported "
+                  f"separately below.", ""]
+    if not runs["included"].any():
+        lines += ["No run has finished yet: there is nothing to compare.", ""]
+    return lines
+
+
+def build_markdown(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame) -> tuple[str, ReportResult]:
+    """report.md's text; also writes the figures and collects them and the tables in a ReportResult."""
+    result = ReportResult(markdown=study_dir / "report.md", html=study_dir / "report.html")
+    groups = setting_groups(runs)
+    lines = _header(study_dir, runs, groups)
+    for settings_hash, group in groups:
+        prefix = f"{settings_hash[:8]}_" if len(groups) > 1 else ""
+        lines += _group_section(study_dir, settings_hash, group, history, prefix, result)
+    lines += ["## Excluded runs", "", render_excluded_markdown(runs), "", render_appendix_markdown(), ""]
+    return "\n".join(lines), result
+
+
+HTML_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; line-height: 1.45; color: #1f2328; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; }}
+th {{ background: #f6f8fa; }}
+img {{ max-width: 100%; }}
+code {{ background: #f6f8fa; padding: 0 3px; }}
+blockquote {{ border-left: 4px solid #d0d7de; margin-left: 0; padding-left: 1em; color: #59636e; }}
+</style></head><body>
+{body}
+</body></html>
+"""
+
+
+def _embed(match: re.Match, base: Path) -> str:
+    src = match.group(1)
+    data = base64.b64encode((base / src).read_bytes()).decode("ascii")
+    return f'src="data:image/png;base64,{data}"'
+
+
+def markdown_to_html(text: str, base: Path, title: str) -> str:
+    """Self-contained HTML of the markdown: tables rendered, PNG links under `base` embedded as data URIs."""
+    body = md_lib.markdown(text, extensions=["tables", "toc"])
+    body = re.sub(r'src="([^":]+\.png)"', lambda m: _embed(m, base), body)
+    return HTML_TEMPLATE.format(title=html.escape(title), body=body)
+
+
+def write_report(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame) -> ReportResult:
+    """Write figures/, report.md and report.html for one study; returns what was written."""
+    shutil.rmtree(study_dir / "figures", ignore_errors=True)  # figures of an earlier report
+    text, result = build_markdown(study_dir, runs, history)
+    atomic_write_text(result.markdown, text)
+    atomic_write_text(result.html, markdown_to_html(text, study_dir, f"VAE ablation: {study_dir.name}"))
+    return result

@@ -1,0 +1,487 @@
+"""Tests of ablation.analysis / ablation.report / ablation.figures on synthetic and real run directories."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import stats
+
+from ablation import analysis as A
+from ablation import report as R
+from ablation.config import REGULARIZERS
+
+REPO = Path(__file__).resolve().parent.parent
+D = 3 * 32 * 32
+NONE = dict.fromkeys(REGULARIZERS, False)
+ALL = dict.fromkeys(REGULARIZERS, True)
+EPOCHS, STEPS_PER_EPOCH, LOG_EVERY = 4, 10, 5
+
+
+# ---------------------------------------------------------------------------------------- synthetic runs
+
+
+def final_metrics(test_recon: float, test_kl: float = 10.0, **extra) -> dict:
+    """Consistent final metrics for a run with the given test recon (D = 3·32·32)."""
+    mse01 = test_recon / (4 * D)
+    neg_elbo = test_recon + 0.5 * D * math.log(math.pi) + test_kl
+    return {"test_recon": test_recon, "test_kl": test_kl, "test_loss": test_recon + test_kl,
+            "trainsub_recon": test_recon - 5, "trainsub_kl": test_kl, "trainsub_loss": test_recon - 5 + test_kl,
+            "gen_gap": 5.0, "max_gen_gap": 6.0, "best_epoch": EPOCHS, "mse01": mse01,
+            "psnr": 10 * math.log10(1 / mse01), "neg_elbo": neg_elbo,
+            "bits_per_dim": (neg_elbo + D * math.log(127.5)) / (D * math.log(2)), "active_units": 20,
+            "probe_acc": 0.5, "epochs_completed": EPOCHS, "steps": EPOCHS * STEPS_PER_EPOCH, "images_per_s": 1000.0,
+            "train_time_s": 1.0, "wall_time_s": 2.0} | extra
+
+
+def run_name(flags: dict, seed: int) -> str:
+    return f"{A.combo_name(flags)}_seed{seed}"
+
+
+def history_frame(train_kl: list[float], step_loss: list[float]) -> pd.DataFrame:
+    """EPOCHS epoch rows with the given train KL; a step row every LOG_EVERY steps with the given loss."""
+    epochs = [{"kind": "epoch", "epoch": e, "step": e * STEPS_PER_EPOCH, "train_loss": 200.0 - e,
+               "train_recon": 190.0 - e, "train_kl": kl, "images_per_s": 1000.0, "epoch_time_s": 1.0,
+               "test_recon": 150.0 - e, "test_kl": kl, "test_loss": 160.0 - e, "trainsub_recon": 145.0 - e,
+               "trainsub_kl": kl, "trainsub_loss": 155.0 - e, "gen_gap": 5.0 + 0.1 * e}
+              for e, kl in zip(range(1, EPOCHS + 1), train_kl)]
+    steps = [{"kind": "step", "epoch": (s - 1) // STEPS_PER_EPOCH + 1, "step": s, "train_loss": loss,
+              "train_recon": loss - 10, "train_kl": 10.0, "grad_norm": 1.0}
+             for s, loss in zip(range(LOG_EVERY, EPOCHS * STEPS_PER_EPOCH + 1, LOG_EVERY), step_loss)]
+    return pd.DataFrame(epochs + steps).sort_values(["step", "kind"], kind="stable")
+
+
+def config_yaml(flags: dict, seed: int, epochs: int = EPOCHS) -> str:
+    regs = "\n".join(f"{r}:\n  enabled: {str(on).lower()}" for r, on in flags.items())
+    return (f"study: s\nseed: {seed}\nbudget:\n  name: cpu\n  epochs: {epochs}\n  width: 32\n"
+            f"  train_size: 10000\n  test_size: 2000\nmodel:\n  width: 32\n  latent_dim: 128\n"
+            f"data:\n  train_size: 10000\n  test_size: 2000\ntrainer:\n  epochs: {epochs}\n  batch_size: 128\n{regs}\n")
+
+
+def write_png(path: Path, color: tuple[int, int, int], size=(66, 34)) -> None:
+    Image.new("RGB", size, color).save(path)
+
+
+def write_run(study: Path, flags: dict, seed: int, metrics: dict | None = None, status: str = "completed",
+              settings_hash: str = "aaaa1111bbbb2222", train_kl=None, step_loss=None) -> Path:
+    """A run directory like ablation.train writes it, with known values."""
+    run_dir = study / run_name(flags, seed)
+    run_dir.mkdir(parents=True)
+    record = {"status": status, "study": study.name, "run_name": run_dir.name, "seed": seed,
+              "config_hash": f"c{seed}", "settings_hash": settings_hash, "budget": "cpu", "device": "cpu",
+              "threads": 2, **{f"reg_{r}": on for r, on in flags.items()}}
+    if status == "completed":
+        record |= final_metrics(**(metrics or {"test_recon": 100.0}))
+    else:
+        record |= metrics or {}
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    history = history_frame(train_kl or [10.0, 11.0, 12.0, 12.5], step_loss or list(np.linspace(300, 200, 8)))
+    history.to_csv(run_dir / "history.csv", index=False)
+    (run_dir / "config.yaml").write_text(config_yaml(flags, seed))
+    write_png(run_dir / "recon_final.png", (40 * seed % 255, 100, 150))
+    write_png(run_dir / "samples.png", (200, 40 * seed % 255, 50), size=(66, 66))
+    return run_dir
+
+
+def zigzag(amplitude: float, n: int = 8, start: float = 300.0) -> list[float]:
+    """Step losses whose log alternates by ±amplitude around a slow decay."""
+    return [start * math.exp(-0.01 * i + (amplitude if i % 2 else -amplitude)) for i in range(n)]
+
+
+def expected_volatility(loss: list[float]) -> float:
+    second = [v for s, v in zip(range(LOG_EVERY, EPOCHS * STEPS_PER_EPOCH + 1, LOG_EVERY), loss)
+              if s > EPOCHS * STEPS_PER_EPOCH / 2]
+    return float(np.std(np.diff(np.log(second)), ddof=1))
+
+
+def expected_cv(kl: list[float]) -> float:
+    second = np.array(kl[EPOCHS // 2:])
+    return float(second.std(ddof=1) / second.mean())
+
+
+# ---------------------------------------------------------------------------------------- the comparison
+
+NONE_RECON, ALL_RECON = [100.0, 102.0, 104.5], [90.0, 91.5, 95.0]
+NONE_GAP, ALL_GAP = [5.0, 6.0, 5.5], [9.0, 10.0, 9.5]
+NONE_PROBE, ALL_PROBE = [0.5, 0.6, 0.4], [0.55, 0.45, 0.5]
+NONE_KL = [[10, 14, 9, 15], [10, 13, 8, 14], [11, 15, 10, 16.5]]
+ALL_KL = [[5, 6, 6.0, 6.1], [5, 6, 6.1, 6.15], [5, 6, 6.05, 6.1]]
+NONE_AMP, ALL_AMP = [0.10, 0.12, 0.11], [0.02, 0.025, 0.03]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    """Three seeds of none and of all with known values, plus one diverged none run."""
+    study = tmp_path_factory.mktemp("res") / "main"
+    for seed in range(3):
+        write_run(study, NONE, seed, {"test_recon": NONE_RECON[seed], "gen_gap": NONE_GAP[seed],
+                                      "probe_acc": NONE_PROBE[seed]},
+                  train_kl=NONE_KL[seed], step_loss=zigzag(NONE_AMP[seed]))
+        write_run(study, ALL, seed, {"test_recon": ALL_RECON[seed], "gen_gap": ALL_GAP[seed],
+                                     "probe_acc": ALL_PROBE[seed]},
+                  train_kl=ALL_KL[seed], step_loss=zigzag(ALL_AMP[seed]))
+    write_run(study, NONE, 3, {"diverged_epoch": 2, "diverged_step": 13, "error": "non-finite loss"},
+              status="diverged")
+    return study
+
+
+@pytest.fixture(scope="module")
+def table(study) -> pd.DataFrame:
+    runs, _ = A.collect_study(study)
+    return A.comparison_table(runs).set_index("metric")
+
+
+def check_cell(row: pd.Series, none: list[float], all_: list[float]) -> None:
+    for side, values in (("none", none), ("all", all_)):
+        x = np.asarray(values, float)
+        half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+        assert row[f"{side}_mean"] == pytest.approx(x.mean(), rel=1e-12)
+        assert row[f"{side}_ci"] == pytest.approx(half, rel=1e-12)
+        assert row[f"{side}_n"] == len(x)
+    p = stats.ttest_ind(all_, none, equal_var=False).pvalue
+    assert row["p_value"] == pytest.approx(p, rel=1e-12)
+
+
+def test_comparison_means_cis_and_pvalues_match_scipy(table):
+    check_cell(table.loc["test_recon"], NONE_RECON, ALL_RECON)
+    check_cell(table.loc["gen_gap"], NONE_GAP, ALL_GAP)
+    check_cell(table.loc["probe_acc"], NONE_PROBE, ALL_PROBE)
+    check_cell(table.loc["kl_cv"], [expected_cv(k) for k in NONE_KL], [expected_cv(k) for k in ALL_KL])
+    check_cell(table.loc["loss_volatility"], [expected_volatility(zigzag(a)) for a in NONE_AMP],
+               [expected_volatility(zigzag(a)) for a in ALL_AMP])
+    psnr = lambda r: 10 * math.log10(4 * D / r)  # noqa: E731
+    check_cell(table.loc["psnr"], [psnr(r) for r in NONE_RECON], [psnr(r) for r in ALL_RECON])
+
+
+def test_comparison_verdicts(table):
+    verdicts = table["verdict"]
+    assert verdicts["test_recon"] == "Lower"  # p < 0.05, agrees with the seed's claim
+    assert verdicts["kl_cv"] == "More controlled"
+    assert verdicts["gen_gap"] == "Increased"  # p < 0.05 against the seed's "Reduced"
+    assert verdicts["loss_volatility"] == "More stable"
+    assert verdicts["psnr"] == "Higher"  # no seed word: plain direction
+    assert verdicts["probe_acc"] == "no significant difference"
+    assert table.loc["probe_acc", "p_value"] >= 0.05
+    assert verdicts["active_units"] == "no test (no seed-to-seed variance)"
+    assert table.loc["test_recon", "seed_claim"] == "Lower"
+    assert "test_loss" not in table.index  # totals of β=4 and β=1 runs are never compared
+
+
+def test_diverged_row_and_seed_std_note(table):
+    row = table.loc["diverged"]
+    assert (row["none_mean"], row["none_n"], row["all_mean"], row["all_n"]) == (1, 4, 0, 3)
+    assert row["p_value"] == pytest.approx(stats.fisher_exact([[1, 3], [0, 3]]).pvalue)
+    assert row["verdict"] == "no significant difference"
+    note = table.loc["loss_volatility", "note"]
+    assert f"none {np.std(NONE_RECON, ddof=1):.4g}" in note and f"all {np.std(ALL_RECON, ddof=1):.4g}" in note
+
+
+def test_single_seed_gives_no_test(tmp_path):
+    study = tmp_path / "one"
+    write_run(study, NONE, 0, {"test_recon": 100.0})
+    write_run(study, NONE, 1, {"test_recon": 104.0})
+    write_run(study, ALL, 0, {"test_recon": 80.0})
+    runs, _ = A.collect_study(study)
+    table = A.comparison_table(runs).set_index("metric")
+    assert table.loc["test_recon", "verdict"] == "single seed, no test"
+    assert math.isnan(table.loc["test_recon", "p_value"])
+    assert (table.loc["test_recon", "all_mean"], table.loc["test_recon", "all_n"]) == (80.0, 1)
+    assert math.isnan(table.loc["test_recon", "all_ci"])
+    markdown = R.render_comparison_markdown(A.comparison_table(runs))
+    assert "80.00 (n=1)" in markdown and "single seed, no test" in markdown
+
+
+def test_comparison_refuses_to_pool_setting_groups(study, tmp_path):
+    runs, _ = A.collect_study(study)
+    other = runs.assign(settings_hash=["other0000hash0000"] * 2 + list(runs["settings_hash"][2:]))
+    with pytest.raises(ValueError, match="must not be pooled"):
+        A.comparison_table(other)
+
+
+# ---------------------------------------------------------------------------------------- factorial effects
+
+EFFECTS = {"weight_decay": 1.5, "dropout": 3.0, "batchnorm": -4.0, "beta": 7.25, "augmentation": 0.5}
+SEED_OFFSET = {0: 0.3, 1: -0.3}
+
+
+@pytest.fixture(scope="module")
+def factorial(tmp_path_factory) -> Path:
+    """The full 2^5 factorial, 2 seeds: test_recon additive in the factors; gen_gap random."""
+    study = tmp_path_factory.mktemp("fact") / "factorial"
+    rng = np.random.default_rng(0)
+    for bits in itertools.product((False, True), repeat=5):
+        flags = dict(zip(REGULARIZERS, bits))
+        for seed in (0, 1):
+            recon = 100.0 + sum(EFFECTS[r] for r in REGULARIZERS if flags[r]) + SEED_OFFSET[seed]
+            write_run(study, flags, seed, {"test_recon": recon, "gen_gap": float(rng.normal(5, 1))})
+    return study
+
+
+def test_main_effects_recover_additive_effects(factorial):
+    runs, _ = A.collect_study(factorial)
+    effects = A.main_effects(runs).set_index(["metric", "term"])
+    for r, effect in EFFECTS.items():
+        row = effects.loc[("test_recon", r)]
+        assert row["estimate"] == pytest.approx(effect, abs=1e-6)
+        assert row["ci_low"] < effect < row["ci_high"]
+        assert (row["n"], row["df_resid"]) == (64, 58)
+    done = A.normalize(runs)
+    for r in REGULARIZERS:  # balanced design: the OLS effect is mean(on) - mean(off)
+        means = done.groupby(r)["gen_gap"].mean()
+        assert effects.loc[("gen_gap", r), "estimate"] == pytest.approx(means[True] - means[False], abs=1e-9)
+
+
+def test_interactions_of_an_additive_factorial_are_zero(factorial):
+    runs, _ = A.collect_study(factorial)
+    assert A.is_full_factorial(runs)
+    inter = A.interaction_effects(runs)
+    recon = inter[inter["metric"] == "test_recon"].set_index("term")
+    pairs = [f"{a}:{b}" for a, b in itertools.combinations(REGULARIZERS, 2)]
+    assert set(pairs) <= set(recon.index)
+    assert np.allclose(recon.loc[pairs, "estimate"], 0, atol=1e-6)
+    assert set(inter["df_resid"]) == {64 - 16}
+
+
+def test_zero_residual_df_is_reported_not_crashed(tmp_path):
+    study = tmp_path / "oat"
+    write_run(study, NONE, 0, {"test_recon": 100.0})
+    for r in REGULARIZERS:  # one at a time: 6 runs, 6 parameters
+        write_run(study, NONE | {r: True}, 0, {"test_recon": 100.0 + EFFECTS[r]})
+    runs, history = A.collect_study(study)
+    effects = A.main_effects(runs)
+    recon = effects[effects["metric"] == "test_recon"].set_index("term")
+    assert np.allclose(recon.loc[list(REGULARIZERS), "estimate"], list(EFFECTS.values()), atol=1e-6)
+    assert (effects["df_resid"] == 0).all() and effects["ci_low"].isna().all()
+    with pytest.raises(A.NotEstimable, match="32"):
+        A.interaction_effects(runs)
+    R.write_report(study, runs, history)
+    text = (study / "report.md").read_text()
+    assert "Residual df is 0" in text and "(no CI)" in text
+
+
+def test_none_vs_all_alone_confounds_the_factors(study):
+    runs, _ = A.collect_study(study)
+    with pytest.raises(A.NotEstimable, match="confound"):
+        A.main_effects(runs)
+
+
+# ---------------------------------------------------------------------------------------- robustness
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> Path:
+    """Good none/all runs beside every kind of partial, crashed or corrupt run."""
+    study = tmp_path_factory.mktemp("messy") / "main"
+    for seed in (0, 1):
+        write_run(study, NONE, seed, {"test_recon": 100.0 + seed})
+        write_run(study, ALL, seed, {"test_recon": 90.0 + seed})
+    truncated = write_run(study, NONE, 2)
+    text = (truncated / "metrics.json").read_text()
+    (truncated / "metrics.json").write_text(text[: len(text) // 2])
+    garbage = write_run(study, ALL, 2)
+    (garbage / "history.csv").write_bytes(b"\x00\xff\xfe garbage\x81,\x90\n\x00\x01")
+    textual = write_run(study, ALL, 5)
+    (textual / "history.csv").write_text("hello world\nthis is, not a history\n")
+    cut = write_run(study, NONE, 5)
+    text = (cut / "history.csv").read_text()
+    (cut / "history.csv").write_text(text[: text.rindex("epoch,4,") + 20])
+    no_config = write_run(study, NONE, 6)
+    (no_config / "config.yaml").unlink()
+    no_history = write_run(study, ALL, 6)
+    (no_history / "history.csv").unlink()
+    short = write_run(study, NONE, 7)  # cut at a line boundary: the last epoch row is gone
+    history = pd.read_csv(short / "history.csv")
+    history[~((history["kind"] == "epoch") & (history["epoch"] == EPOCHS))].to_csv(short / "history.csv", index=False)
+    only_ckpt = study / "none_seed3"
+    only_ckpt.mkdir()
+    (only_ckpt / "checkpoint.pt").write_bytes(b"")
+    write_run(study, NONE, 4, status="running")
+    write_run(study, ALL, 3, {"error": "RuntimeError: boom"}, status="failed")
+    write_run(study, ALL, 4, {"diverged_epoch": 1, "diverged_step": 3, "error": "non-finite loss"},
+              status="diverged")
+    return study
+
+
+EXPECTED_EXCLUSIONS = {
+    "none_seed2": ("invalid", "metrics.json unreadable"),
+    "wd-do-bn-beta-aug_seed2": ("completed", "history.csv unreadable"),
+    "wd-do-bn-beta-aug_seed5": ("completed", "history.csv lacks columns"),
+    "none_seed5": ("completed", "history.csv has missing or non-numeric values in its epoch rows"),
+    "none_seed6": ("completed", "config.yaml missing"),
+    "wd-do-bn-beta-aug_seed6": ("completed", "history.csv missing"),
+    "none_seed7": ("completed", "history.csv has 3 epoch rows but metrics.json says 4 epochs"),
+    "none_seed3": ("running", "no metrics.json yet"),
+    "none_seed4": ("running", "still running"),
+    "wd-do-bn-beta-aug_seed3": ("failed", "failed: RuntimeError: boom"),
+    "wd-do-bn-beta-aug_seed4": ("diverged", "diverged at epoch 1, step 3"),
+}
+
+
+def test_partial_and_corrupt_runs_are_excluded_with_reasons(messy, caplog):
+    with caplog.at_level(logging.WARNING, logger="ablation.analysis"):
+        runs, _ = A.collect_study(messy)
+    runs = runs.set_index("run_name")
+    assert sorted(runs.index[runs["included"]]) == ["none_seed0", "none_seed1", "wd-do-bn-beta-aug_seed0",
+                                                    "wd-do-bn-beta-aug_seed1"]
+    for name, (status, reason) in EXPECTED_EXCLUSIONS.items():
+        assert runs.loc[name, "status"] == status
+        assert not runs.loc[name, "included"]
+        assert reason in runs.loc[name, "excluded_reason"]
+    logged = caplog.text
+    for name, file in (("none_seed2", "metrics.json"), ("wd-do-bn-beta-aug_seed2", "history.csv"),
+                       ("none_seed5", "history.csv"), ("none_seed6", "config.yaml"),
+                       ("wd-do-bn-beta-aug_seed6", "history.csv")):
+        assert str(messy / name / file) in logged
+    table = A.comparison_table(runs.reset_index()).set_index("metric")
+    assert (table.loc["test_recon", "none_n"], table.loc["test_recon", "all_n"]) == (2, 2)
+    assert table.loc["test_recon", "none_mean"] == pytest.approx(100.5)
+    assert (table.loc["diverged", "all_mean"], table.loc["diverged", "all_n"]) == (1, 3)
+
+
+def test_report_of_a_messy_study_lists_excluded_runs(messy):
+    assert A.main(["--no-wandb", str(messy)]) == 0
+    text = (messy / "report.md").read_text()
+    excluded = text[text.index("## Excluded runs"):text.index("## Appendix")]
+    for name, (status, reason) in EXPECTED_EXCLUSIONS.items():
+        line = next(line for line in excluded.splitlines() if f"`{name}`" in line)
+        assert status in line and reason in line
+    runs = A.read_runs_csv(messy / "runs.csv")
+    assert len(runs) == 4 + len(EXPECTED_EXCLUSIONS) and runs["included"].sum() == 4
+
+
+def test_setting_groups_are_reported_separately(tmp_path):
+    study = tmp_path / "mixed"
+    for seed in (0, 1):
+        write_run(study, NONE, seed, {"test_recon": 100.0 + seed}, settings_hash="1111aaaa1111aaaa")
+        write_run(study, ALL, seed, {"test_recon": 90.0 + seed}, settings_hash="1111aaaa1111aaaa")
+    for seed in (2, 3):
+        write_run(study, NONE, seed, {"test_recon": 500.0 + seed}, settings_hash="2222bbbb2222bbbb")
+    runs, history = A.collect_study(study)
+    groups = dict(A.setting_groups(runs))
+    assert set(groups) == {"1111aaaa1111aaaa", "2222bbbb2222bbbb"}
+    R.write_report(study, runs, history)
+    text = (study / "report.md").read_text()
+    assert "2 setting groups" in text and "never pooled" in text
+    assert "## Setting group `1111aaaa`" in text and "## Setting group `2222bbbb`" in text
+    first = A.comparison_table(groups["1111aaaa1111aaaa"]).set_index("metric")
+    assert first.loc["test_recon", "none_mean"] == pytest.approx(100.5)  # the 500s are not pooled in
+    assert (study / "figures" / "1111aaaa_curves.png").is_file()
+
+
+def test_no_results_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    assert A.main(["--no-wandb", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no training runs found in") and str(empty) in err
+    assert "Traceback" not in err
+
+
+def test_study_discovery_from_a_parent(study):
+    parent = study.parent
+    assert A.main(["--no-wandb", str(parent)]) == 0  # writes runs.csv and history.csv into the study
+    assert A.find_studies([parent]) == [study]
+    assert A.find_studies([study]) == [study]
+    assert not A.is_run_dir(study)
+
+
+# ---------------------------------------------------------------------------------------- report rendering
+
+
+def png_links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", markdown)
+
+
+def check_report(study: Path) -> str:
+    """Every PNG report.md links exists and opens; report.html embeds them; returns report.md."""
+    text = (study / "report.md").read_text()
+    links = png_links(text)
+    assert links
+    for link in links:
+        assert not Path(link).is_absolute()
+        with Image.open(study / link) as image:
+            image.verify()
+    html = (study / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(links)
+    assert 'src="figures/' not in html and "<table>" in html
+    return text
+
+
+def test_report_files_figures_and_verbatim_table(factorial):
+    assert A.main(["--no-wandb", str(factorial)]) == 0
+    text = check_report(factorial)
+    names = {Path(link).name for link in png_links(text)}
+    assert names == {"curves.png", "gen_gap.png", "main_effects.png", "heatmap_test_recon.png",
+                     "recon_grids.png", "samples.png"}
+    runs = A.read_runs_csv(factorial / "runs.csv")
+    assert len(runs) == 64 and runs["included"].all()
+    for _, group in A.setting_groups(runs):
+        assert R.render_comparison_markdown(A.comparison_table(group)) in text
+    assert "| cpu | 4 | 32 | 128 | 128 | 10000 | 2000 | 64 |" in text  # settings from config.yaml
+    assert "Two-way interactions" in text and "weight decay:dropout" in text
+    history = pd.read_csv(factorial / "history.csv")
+    assert len(history) == 64 * EPOCHS
+    assert np.allclose(history["test_recon"], 150.0 - history["epoch"])  # the epoch rows, as written
+    assert {"run_name", "seed", "settings_hash", *REGULARIZERS, "epoch", "test_recon"} <= set(history.columns)
+    for key in A.METRICS:
+        assert f"`{key}`" in text  # every metric defined in the appendix
+
+
+def test_wandb_report_run_offline(study, tmp_path):
+    env = os.environ | {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"),
+                        "WANDB_CACHE_DIR": str(tmp_path / "wbc"), "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
+                        "WANDB_SILENT": "true"}
+    done = subprocess.run([sys.executable, "-m", "ablation.analysis", str(study)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    runs = list((study / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_from_real_training_runs(tmp_path):
+    from ablation.synthetic import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "data", 256, 128)
+    env = os.environ | {"ABLATION_RESULTS": str(tmp_path / "results"), "ABLATION_CACHE": str(tmp_path / "cache"),
+                        "WANDB_MODE": "disabled"}
+    train = [sys.executable, "-m", "ablation.train", "-m", "regularizer=none,all", "seed=0,1", "budget=smoke",
+             f"data.root={data}", "logger=none", "budget.epochs=3", "trainer.log_interval=1"]
+    done = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = tmp_path / "results" / "main"
+    done = subprocess.run([sys.executable, "-m", "ablation.analysis", str(study), "--no-wandb"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    runs = A.read_runs_csv(study / "runs.csv")
+    assert len(runs) == 4 and runs["included"].all() and set(runs["status"]) == {"completed"}
+    assert runs[["kl_cv", "kl_max_jump", "loss_volatility"]].notna().all().all()
+    text = check_report(study)
+    assert R.render_comparison_markdown(A.comparison_table(runs)) in text
+    table = A.comparison_table(runs).set_index("metric")
+    assert (table["none_n"].drop("diverged") == 2).all() and (table["all_n"].drop("diverged") == 2).all()
+    assert "| smoke | 3 | 8 | 128 | 128 | 256 | 128 | 4 |" in text
+
+
+def test_study_with_no_finished_run_still_gets_a_report(tmp_path):
+    study = tmp_path / "early"
+    write_run(study, NONE, 0, status="running")
+    (study / "none_seed1").mkdir()
+    (study / "none_seed1" / "checkpoint.pt").write_bytes(b"")
+    assert A.main(["--no-wandb", str(study)]) == 0
+    text = (study / "report.md").read_text()
+    assert "No run has finished yet" in text and "`none_seed0`" in text and "`none_seed1`" in text
+    assert "<h2" in (study / "report.html").read_text()
