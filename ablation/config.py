@@ -73,7 +73,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (CUDA only)
     threads: int = 0  # torch CPU threads; 0 = cores / parallel jobs of the launcher
-    log_interval: int = 50  # steps between step-level history rows
+    log_interval: int = 10  # steps between step-level history rows; with W&B, the smaller of this and logger.log_interval
     image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
     checkpoint: bool = True  # save a resumable checkpoint after every epoch
     fault: Optional[str] = None  # test-only fault injection: nan_loss | raise (never set in studies)
@@ -117,7 +117,7 @@ class LoggerConfig:
     entity: Optional[str] = None  # W&B entity (team or user); null = your default
     mode: str = "auto"  # auto | online | offline | disabled; WANDB_MODE wins when set
     tags: List[str] = field(default_factory=list)  # extra tags beside the active regularizers
-    log_interval: int = 50  # steps between step-level W&B logs
+    log_interval: int = 10  # steps between step-level W&B logs
     image_interval: int = 1  # epochs between reconstruction images
     log_model: bool = False  # upload model.pt as a W&B artifact
     init_timeout: float = 60.0  # seconds before an online init falls back to offline
