@@ -52,7 +52,7 @@ from .evaluate import evaluate
 from .model import build_model
 from .objective import vae_loss
 from .runio import atomic_write_json, atomic_write_text, read_json
-from .train import build_trainer, choose_precision, choose_threads, prepare
+from .train import build_trainer, choose_precision, choose_threads, place_model, prepare
 from .trainer import RunSettings, make_optimizer, seed_everything
 from .wandb_logger import NullLogger
 
@@ -266,9 +266,7 @@ class WidthBench:
 
         # -- model step: one fixed float batch, a fresh model, the suite's optimizer and autocast
         seed_everything(cfg.seed)
-        self.step_model = build_model(cfg, self.data.image_size, self.data.channels).to(device)
-        if device.type == "cuda":
-            self.step_model = self.step_model.to(memory_format=torch.channels_last)
+        self.step_model = place_model(build_model(cfg, self.data.image_size, self.data.channels), device)
         self.step_opt = make_optimizer(self.step_model, s)
         self.step_x = to_unit_range(self.data.train_x[:s.batch_size])
         self.step_count = len(self.trainer.batches)

@@ -7,12 +7,29 @@ With width=128 and latent_dim=128 it is the seed architecture layer by layer:
              Conv2d 64->3 (k3 s1 p1), Tanh
 
 Every hidden block is conv -> [BatchNorm2d] -> ReLU -> [Dropout]; the output layer has
-neither. Channel counts scale with `width` (w, 2w, 4w and 4w, 2w, w, w/2).
+neither. Dropout is `Dropout`, an nn.Dropout with a faster sampler (same distribution). Channel counts scale with `width` (w, 2w, 4w and 4w, 2w, w, w/2).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the same distribution, drawn faster on the CPU.
+
+    Each activation is kept with probability 1-p and scaled by 1/(1-p), zeroed otherwise, in
+    train mode only. The mask comes from `torch.rand_like(x) >= p`, which on the CPU is about 4x
+    faster than the Bernoulli sampler behind nn.functional.dropout (measured on this suite's
+    activations: dropout was a third of the width-32 training step).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
 
 
 def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float) -> nn.Sequential:
@@ -21,7 +38,7 @@ def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float) -> n
         layers.append(nn.BatchNorm2d(channels))
     layers.append(nn.ReLU(inplace=True))
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(Dropout(dropout))
     return nn.Sequential(*layers)
 
 

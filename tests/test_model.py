@@ -125,3 +125,22 @@ def test_augmentation_changes_training_batches_only(compose_cfg, tmp_path):
         assert (trainer.batches.flip, trainer.batches.padding) == (s.flip, s.crop_padding)
         assert torch.equal(torch.cat(list(eval_batches(data.test_x, 10))), to_unit_range(x[:32]))
     assert flags(compose_cfg("augmentation=on"))["augmentation"]
+
+
+def test_fast_dropout_matches_the_dropout_distribution():
+    from ablation.model import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.3)
+    x = torch.ones(1000, 1000)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.002, "each unit is kept with probability 1-p"
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7)), "kept units are scaled by 1/(1-p)"
+    assert abs(y.mean().item() - 1.0) < 0.005, "the expectation is preserved"
+    xg = torch.ones(10, 10, requires_grad=True)
+    out = d(xg)
+    out.sum().backward()
+    assert torch.equal(xg.grad, (out.detach() != 0).float() / 0.7), "gradients flow through kept units only"
+    d.eval()
+    assert torch.equal(d(x), x)
