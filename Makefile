@@ -8,7 +8,7 @@ RESULTS ?= $(or $(ABLATION_RESULTS),results)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench study-cpu clean
+.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,22 @@ report: install ## Aggregate every study under results/ (or RESULTS=dir) into re
 
 bench: install ## Benchmark the training loop against the seed-style loop (results/bench/)
 	$(PY) -m ablation.bench $(ARGS)
+
+# The committed CPU study on real CIFAR-10 (results/cifar10-cpu/). Resumable: rerun to finish.
+STUDY_DATA ?= $(or $(ABLATION_DATA),../shared/datasets/cifar10-jpg.tar.gz)
+FACTORIAL_EPOCHS ?= 8
+
+study-cpu: study-cpu-seeds study-cpu-factorial ## Both parts of the CPU study, then its reports
+
+study-cpu-seeds: install ## Part 1: regularizer=none,all x seeds 0,1,2 at budget=cpu (~50 min on 2 cores)
+	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m regularizer=none,all seed=0,1,2 budget=cpu \
+	  study=cifar10-cpu/none-vs-all
+	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/none-vs-all
+
+study-cpu-factorial: install ## Part 2: the 32-run factorial, seed 0, budget=cpu with FACTORIAL_EPOCHS epochs
+	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m +sweep=factorial seed=0 budget=cpu \
+	  trainer.epochs=$(FACTORIAL_EPOCHS) study=cifar10-cpu/factorial
+	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/factorial
 
 clean: ## Remove caches (keeps .venv and results)
 	rm -rf .pytest_cache build *.egg-info

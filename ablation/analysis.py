@@ -160,16 +160,27 @@ def is_study_dir(path: Path) -> bool:
     return any(is_run_dir(d) for d in _subdirs(path))
 
 
+def _studies_below(d: Path, depth: int = 3) -> list[Path]:
+    """`d` if it is a study, else the studies in its subdirectories, down to `depth` levels
+    (so `results/` finds nested studies such as results/cifar10-cpu/factorial)."""
+    if is_study_dir(d):
+        return [d]
+    if depth == 0 or is_run_dir(d):
+        return []
+    return [s for sub in _subdirs(d) if sub.name not in ("wandb", "figures", ".submitit")
+            for s in _studies_below(sub, depth - 1)]
+
+
 def find_studies(dirs: list[Path]) -> list[Path]:
     """Study directories among `dirs`: each is a study, or a parent whose study subdirectories are taken."""
     studies: list[Path] = []
     for d in dirs:
-        found = [d] if is_study_dir(d) else [s for s in _subdirs(d) if is_study_dir(s)]
+        found = _studies_below(d)
         studies += [s for s in found if s.resolve() not in {x.resolve() for x in studies}]
     if not studies:
         searched = ", ".join(f"{d.resolve()}{'' if d.is_dir() else ' (does not exist)'}" for d in dirs)
         raise NoResultsError(f"no training runs found in {searched}: no run directory (with metrics.json, "
-                             f"history.csv or checkpoint.pt) there or one level below. Train first, e.g. "
+                             f"history.csv or checkpoint.pt) there or up to 3 levels below. Train first, e.g. "
                              f"`python -m ablation.train -m regularizer=none,all`, or pass the study directory.")
     return studies
 

@@ -192,7 +192,7 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
     wb_config = OmegaConf.to_container(cfg, resolve=True) | {f"reg_{k}": v for k, v in flags.items()}
     logger = wandb_logger.start(cfg.logger, run_dir=run_dir, name=cfg.run_name, group=cfg.study,
                                 job_type="train", tags=tags + list(cfg.logger.tags), config=wb_config,
-                                run_id=f"{cfg.study}-{cfg.run_name}-{chash[:8]}")
+                                run_id=f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{chash[:8]}")
     exit_code = 1
     trainer = None
     try:
