@@ -1,0 +1,47 @@
+"""The committed study results agree with themselves: report.md is regenerated from runs.csv.
+
+A stale or hand-edited table in a committed report.md fails here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ablation.analysis import (NotEstimable, comparison_table, has_comparison, main_effects, read_runs_csv,
+                               setting_groups)
+from ablation.report import render_comparison_markdown, render_effects_markdown
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+COMMITTED = sorted(p.parent for p in RESULTS.rglob("runs.csv") if (p.parent / "report.md").exists())
+
+
+def test_the_cpu_study_is_committed():
+    assert (RESULTS / "cifar10-cpu").is_dir(), "results/cifar10-cpu/ holds the committed CPU study"
+    assert any(p.is_relative_to(RESULTS / "cifar10-cpu") for p in COMMITTED)
+
+
+@pytest.mark.parametrize("study", COMMITTED, ids=[str(p.relative_to(RESULTS)) for p in COMMITTED])
+def test_report_tables_regenerate_from_runs_csv(study):
+    runs = read_runs_csv(study / "runs.csv")
+    report = (study / "report.md").read_text()
+    assert len(runs) > 0
+    for _, group in setting_groups(runs):
+        if has_comparison(group):
+            assert render_comparison_markdown(comparison_table(group)) in report
+        try:
+            effects = main_effects(group)
+        except NotEstimable:
+            continue
+        assert render_effects_markdown(effects) in report
+
+
+@pytest.mark.parametrize("study", COMMITTED, ids=[str(p.relative_to(RESULTS)) for p in COMMITTED])
+def test_report_figures_are_committed(study):
+    import re
+
+    from PIL import Image
+
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (study / "report.md").read_text()):
+        with Image.open(study / link) as im:
+            im.verify()
