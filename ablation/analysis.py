@@ -675,15 +675,20 @@ def interaction_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = INTERACTI
 # ---------------------------------------------------------------------------------------- W&B
 
 
-def log_to_wandb(study_dir: Path, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
+def study_name(study_dir: Path, runs: pd.DataFrame) -> str:
+    """The `study` the runs were trained under (their W&B group), e.g. cifar10-cpu/none-vs-all."""
+    names = runs["study"].dropna().astype(str) if "study" in runs else pd.Series(dtype=str)
+    return names.mode().iloc[0] if len(names) else study_dir.name
+
+
+def log_to_wandb(study_dir: Path, study: str, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
     """Log the report's tables and figures to a W&B run (job_type=report, group=<study>) in study_dir/wandb/."""
     from . import wandb_logger
 
-    study = study_dir.name
     cfg = OmegaConf.create({"backend": "wandb", "project": "vae-ablation", "entity": None, "mode": "auto",
                             "tags": [], "init_timeout": 60})
-    logger = wandb_logger.start(cfg, run_dir=study_dir, name=f"report-{study}", group=study, job_type="report",
-                                tags=["report"], config={"study": study, "tables": sorted(tables)})
+    logger = wandb_logger.start(cfg, run_dir=study_dir, name=f"report-{study.replace('/', '-')}", group=study,
+                                job_type="report", tags=["report"], config={"study": study, "tables": sorted(tables)})
     exit_code = 1
     try:
         for key, frame in tables.items():
@@ -705,7 +710,7 @@ def analyze_study(study_dir: Path, use_wandb: bool = True) -> Path:
     write_tables(study_dir, runs, history)
     result = report.write_report(study_dir, runs, history)
     if use_wandb:
-        log_to_wandb(study_dir, result.tables, result.figures)
+        log_to_wandb(study_dir, study_name(study_dir, runs), result.tables, result.figures)
     n_in = int(runs["included"].sum())
     log.info("%s: %d runs (%d in the statistics) -> %s", study_dir, len(runs), n_in, result.markdown)
     return result.markdown

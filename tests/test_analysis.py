@@ -446,6 +446,15 @@ def test_wandb_report_run_offline(study, tmp_path):
     assert done.returncode == 0, done.stderr
     runs = list((study / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+    from wandb_records import read_run
+
+    rec = read_run(runs[0])
+    expected_group = A.study_name(study, A.read_runs_csv(study / "runs.csv"))
+    assert rec.job_type == "report" and rec.group == expected_group and rec.exit_code == 0
+    logged = {k: v for row in rec.history for k, v in row.items() if isinstance(v, dict)}
+    assert any(v.get("_type") == "table-file" for v in logged.values()), "the tables are wandb.Table"
+    assert any(k.startswith("comparison") for k in logged), sorted(logged)
+    assert rec.has_image, "the figures are logged as images"
 
 
 # ---------------------------------------------------------------------------------------- end to end
