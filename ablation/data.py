@@ -300,16 +300,17 @@ def augment(x: torch.Tensor, flip: bool, padding: int, generator: torch.Generato
     Equivalent in distribution to torchvision's RandomHorizontalFlip() and
     RandomCrop(size, padding=padding) with fill 0: the crop offsets are uniform over
     (2*padding+1)^2 positions. Works on uint8 or float tensors on any device; the random
-    draws come from `generator` (on the CPU) so that runs are reproducible.
+    draws come from `generator`, which lives on the same device as `x` (no host round trip).
     """
     n, c, h, w = x.shape
+    dev = x.device
     if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        mask = torch.rand(n, generator=generator, device=dev) < 0.5
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
         rows = (oy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (ox.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
@@ -321,8 +322,9 @@ def augment(x: torch.Tensor, flip: bool, padding: int, generator: torch.Generato
 class TrainBatches:
     """Shuffled training batches from a uint8 tensor on the device, augmented there.
 
-    The permutation and augmentation draws come from one CPU generator whose state is
-    part of the checkpoint, so a resumed run sees exactly the same batches.
+    The permutation and augmentation draws come from one generator on the images' device
+    (so a GPU step never waits for the host), whose state is part of the checkpoint: a
+    resumed run sees exactly the same batches.
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, flip: bool, padding: int, seed: int) -> None:
@@ -330,14 +332,14 @@ class TrainBatches:
         self.batch_size = batch_size
         self.flip = flip
         self.padding = padding
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def __len__(self) -> int:
         return -(-self.images.shape[0] // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = self.images.shape[0]
-        order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        order = torch.randperm(n, generator=self.generator, device=self.images.device)
         for start in range(0, n, self.batch_size):
             x = self.images[order[start:start + self.batch_size]]
             if self.flip or self.padding:

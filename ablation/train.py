@@ -202,7 +202,8 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
         trainer = build_trainer(cfg, data, device, run_dir, logger)
         model = trainer.model
         if resume:
-            ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+            # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
+            ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
             trainer.load_state_dict(ckpt)
             log.info("%s: resumed from checkpoint after epoch %d", cfg.run_name, trainer.epoch)
         trainer.fit()

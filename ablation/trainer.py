@@ -151,7 +151,8 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl summed over images
         window = torch.zeros(3, dtype=torch.float64, device=device)  # the same since the last step row
         window_n = 0
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        step_t = torch.full((), self.step, dtype=torch.long, device=device)  # the step count, on the device
         seen = 0
         start = time.perf_counter()
         for x in self.batches:
@@ -177,8 +178,8 @@ class Trainer:
             window += parts_t
             window_n += n
             seen += n
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                   torch.tensor(self.step, device=device), bad_step)
+            step_t += 1
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_t, bad_step)
             if log_now:
                 self._step_row(epoch, window / window_n, grad_norm, bad_step)
                 window.zero_()
