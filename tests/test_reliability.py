@@ -16,6 +16,7 @@ import torch
 
 from ablation.runio import RunLockedError, atomic_write_text, run_lock
 from conftest import ROOT, train
+from wandb_records import read_run
 
 TIMING_KEYS = {"images_per_s", "train_time_s", "wall_time_s", "study"}
 SLOW = ("trainer.epochs=4", "data.train_size=512", "model.width=16")  # ~1 s per epoch
@@ -87,11 +88,17 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(env):
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 def test_process_launchers_run_a_two_run_sweep(env, launcher):
-    train("-m", "regularizer=none,all", f"hydra/launcher={launcher}", "trainer.epochs=1", env=env, timeout=600)
+    """Each job of a process launcher is a complete run with its own offline W&B run."""
+    env = env | {"WANDB_MODE": "offline"}
+    train("-m", "regularizer=none,all", f"hydra/launcher={launcher}", "trainer.epochs=1", "logger=wandb",
+          env=env, timeout=600)
     study = Path(env["ABLATION_RESULTS"]) / "main"
     for run in ("none_seed0", "wd-do-bn-beta-aug_seed0"):
         m = metrics(study / run)
         assert m["status"] == "completed", m.get("error")
+        wandb_runs = list((study / run / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(wandb_runs) == 1, f"{run}: one W&B run per Hydra job, found {wandb_runs}"
+        assert read_run(wandb_runs[0]).exit_code == 0 and read_run(wandb_runs[0]).name == run
         if launcher == "joblib":
             assert m["threads"] == max(1, len(os.sched_getaffinity(0)) // 2), "cores / n_jobs threads per job"
 
