@@ -36,6 +36,7 @@ bench: install ## Benchmark the training loop against the seed-style loop (resul
 # The committed CPU study on real CIFAR-10 (results/cifar10-cpu/). Resumable: rerun to finish.
 STUDY_DATA ?= $(or $(ABLATION_DATA),../shared/datasets/cifar10-jpg.tar.gz)
 FACTORIAL_EPOCHS ?= 10
+FACTORIAL_JOBS ?= 2
 
 study-cpu: study-cpu-seeds study-cpu-factorial ## Both parts of the CPU study, then its reports
 
@@ -46,7 +47,8 @@ study-cpu-seeds: install ## Part 1: regularizer=none,all x seeds 0,1,2 at budget
 
 study-cpu-factorial: install ## Part 2: the 32-run factorial, seed 0, width 32, 10k/2k images, 10 epochs
 	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m +sweep=factorial seed=0 budget=cpu \
-	  data.train_size=10000 data.test_size=2000 trainer.epochs=$(FACTORIAL_EPOCHS) study=cifar10-cpu/factorial
+	  data.train_size=10000 data.test_size=2000 trainer.epochs=$(FACTORIAL_EPOCHS) study=cifar10-cpu/factorial \
+	  hydra/launcher=joblib hydra.launcher.n_jobs=$(FACTORIAL_JOBS)
 	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/factorial
 
 clean: ## Remove caches (keeps .venv and results)
