@@ -180,6 +180,10 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log.info("%s on %s (%d threads), budget %s", cfg.run_name, device, torch.get_num_threads(), budget)
+    seed_everything(cfg.seed)
+    # Data first: a bad data root is a user error (one message, exit 2) and leaves no run files behind.
+    data = load_images(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
+    data = subset(data, cfg.data.train_size, cfg.data.test_size, cfg.data.subset_seed).to(device)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     base = {"status": "running", "study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed,
             "config_hash": chash, "settings_hash": shash, "budget": budget, "device": str(device),
@@ -196,9 +200,6 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
     exit_code = 1
     trainer = None
     try:
-        seed_everything(cfg.seed)
-        data = load_images(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
-        data = subset(data, cfg.data.train_size, cfg.data.test_size, cfg.data.subset_seed).to(device)
         trainer = build_trainer(cfg, data, device, run_dir, logger)
         model = trainer.model
         if resume:

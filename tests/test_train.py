@@ -114,6 +114,7 @@ def test_missing_data_root_is_named(env, tmp_path):
     assert proc.returncode == 2
     assert f"{tmp_path}/absent" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not list(Path(env["ABLATION_RESULTS"]).rglob("metrics.json")), "no run files for a bad data root"
 
 
 def test_unknown_option_gets_hydras_message(env):
