@@ -45,3 +45,16 @@ def test_report_figures_are_committed(study):
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (study / "report.md").read_text()):
         with Image.open(study / link) as im:
             im.verify()
+
+
+def test_readme_results_match_the_committed_reports():
+    """The README's Results tables are the committed reports' tables, regenerated from runs.csv."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    results_section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
+    seeds = read_runs_csv(RESULTS / "cifar10-cpu" / "none-vs-all" / "runs.csv")
+    (_, group), = setting_groups(seeds)
+    assert render_comparison_markdown(comparison_table(group)) in results_section
+    factorial = RESULTS / "cifar10-cpu" / "factorial" / "runs.csv"
+    if factorial.exists():
+        (_, group), = setting_groups(read_runs_csv(factorial))
+        assert render_effects_markdown(main_effects(group)) in results_section
