@@ -374,14 +374,17 @@ def _ratio(value: float, target: float | None) -> dict:
 def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tuple[int, int, float]:
     """Run cmd to completion; (exit code, its peak RSS in KiB, seconds).
 
-    The RSS is the child's own `ru_maxrss` from wait4 (the counter behind
-    getrusage(RUSAGE_CHILDREN), scoped to this child so that other children of the bench,
-    such as DataLoader workers, cannot leak into it).
+    The peak is the child's own high-water mark, VmHWM in /proc/<pid>/status, polled until it
+    exits (the mark only grows). `ru_maxrss` from wait4 is not used on Linux when it is larger:
+    a forked child inherits the parent's high-water mark, so a bench holding the dataset and
+    four models would be counted in. Polled every 0.1 s; where /proc is absent, ru_maxrss is the fallback.
     """
     start = time.perf_counter()
+    hwm = 0
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
         while True:
+            hwm = max(hwm, _vm_hwm_kib(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 break
@@ -391,7 +394,18 @@ def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tup
                 break
             time.sleep(0.1)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, int(usage.ru_maxrss), time.perf_counter() - start
+    return proc.returncode, hwm or int(usage.ru_maxrss), time.perf_counter() - start
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The peak resident set size of a live process in KiB (0 when unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _tail(path: Path, lines: int = 15) -> str:
