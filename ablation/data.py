@@ -301,22 +301,27 @@ def augment(x: torch.Tensor, flip: bool, padding: int, generator: torch.Generato
     RandomCrop(size, padding=padding) with fill 0: the crop offsets are uniform over
     (2*padding+1)^2 positions. Works on uint8 or float tensors on any device; the random
     draws come from `generator`, which lives on the same device as `x` (no host round trip).
+
+    Flip, pad and crop are one gather from the padded batch: flipping commutes with the
+    symmetric zero padding, so a flipped image's crop at column offset ox reads padded
+    columns W'-1-ox-j instead of ox+j (W' the padded width).
     """
     n, c, h, w = x.shape
     dev = x.device
-    if flip:
-        mask = torch.rand(n, generator=generator, device=dev) < 0.5
-        x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
+    flipped = torch.rand(n, generator=generator, device=dev) < 0.5 if flip else None
     if padding > 0:
-        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
-        rows = (oy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-        cols = (ox.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-        chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        x = padded[batch, chan, rows, cols]
-    return x
+        x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
+    else:
+        oy = ox = torch.zeros(n, 1, dtype=torch.long, device=dev)
+    wp = w + 2 * padding
+    rows = oy + torch.arange(h, device=dev)
+    cols = ox + torch.arange(w, device=dev)
+    if flip:
+        cols = torch.where(flipped.view(n, 1), (wp - 1) - cols, cols)
+    index = (rows.view(n, 1, h, 1) * wp + cols.view(n, 1, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
+    return torch.gather(x.reshape(n, c, -1), 2, index).view(n, c, h, w)
 
 
 class TrainBatches:
