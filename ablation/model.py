@@ -7,7 +7,7 @@ With width=128 and latent_dim=128 it is the seed architecture layer by layer:
              Conv2d 64->3 (k3 s1 p1), Tanh
 
 Every hidden block is conv -> [BatchNorm2d] -> ReLU -> [Dropout]; the output layer has
-neither. Dropout is `Dropout`, an nn.Dropout with a faster sampler (same distribution). Channel counts scale with `width` (w, 2w, 4w and 4w, 2w, w, w/2).
+neither. Dropout is `Dropout`, an nn.Dropout with a cheaper mask sampler. Channel counts scale with `width` (w, 2w, 4w and 4w, 2w, w, w/2).
 """
 from __future__ import annotations
 
@@ -16,20 +16,57 @@ from torch import nn
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with the same distribution, drawn faster on the CPU.
+    """nn.Dropout with, on the CPU, masks from 16 random bits per activation, drawn into reused buffers.
 
-    Each activation is kept with probability 1-p and scaled by 1/(1-p), zeroed otherwise, in
-    train mode only. The mask comes from `torch.rand_like(x) >= p`, which on the CPU is about 4x
-    faster than the Bernoulli sampler behind nn.functional.dropout (measured on this suite's
-    activations: dropout was a third of the width-32 training step).
+    In train mode each activation is kept with probability 1-p and scaled by 1/(1-p), zeroed
+    otherwise, independently; eval mode is the identity, as in nn.Dropout, and on CUDA this is
+    nn.Dropout. On the CPU, nn.Dropout draws one Bernoulli float per activation into fresh
+    tensors. Here one 64-bit draw (`random_` over the full int64 range, from the global
+    generator, so seeding and checkpointed RNG states work as before) gives four activations a
+    16-bit uniform each, and the draws, the mask and its float copy live in buffers kept between
+    steps. p is used as round(p * 2^16) / 2^16, within 7.7e-6 of p (0.3 -> 0.300003). Forward
+    and backward over the six width-32 activations of a training step on 2 CPU cores, the
+    dropout layers cost 10 ms here against nn.Dropout's 45 ms.
+
+    The float mask is what autograd saves for the backward pass, and the next forward pass
+    overwrites it in place. Calling backward on an older forward pass after a newer one is
+    therefore refused by autograd ("modified by an inplace operation") instead of being wrong.
     """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__(p)
+        self._buffers_for: tuple | None = None  # (shape, stride, dtype, device) the buffers fit
+        self._words = self._uniform16 = self._keep = self._mask = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.p == 1:
             return x * 0
-        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        if x.device.type != "cpu":  # CUDA's fused Philox dropout is already cheap
+            return nn.functional.dropout(x, self.p, True)
+        return x * self.mask_like(x)
+
+    def mask_like(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh draw of the scaled mask (0 or 1/(1-p)), shaped and laid out like `x`."""
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        if self._buffers_for != key:
+            n = x.numel()
+            self._words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+            # iid 16-bit uniforms over [-2^15, 2^15), in x's memory layout
+            self._uniform16 = self._words.view(torch.int16)[:n].as_strided(x.size(), x.stride())
+            self._keep = torch.empty_like(x, dtype=torch.bool)
+            self._mask = torch.empty_like(x)
+            self._buffers_for = key
+        self._words.random_(-2 ** 63, None)
+        torch.ge(self._uniform16, round(self.p * 65536) - 32768, out=self._keep)
+        return self._mask.copy_(self._keep).mul_(1.0 / (1.0 - self.p))
+
+    def __getstate__(self) -> dict:  # deepcopy and pickling leave the buffers behind; they are redrawn anyway
+        return self.__dict__ | {"_buffers_for": None, "_words": None, "_uniform16": None, "_keep": None,
+                                "_mask": None}
 
 
 def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float) -> nn.Sequential:
