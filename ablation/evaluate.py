@@ -18,10 +18,13 @@ Final (`final_metrics`), once at the end of a run:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.utils import fuse_conv_bn_eval
 
 from .data import eval_batches
 from .objective import bits_per_dim, gaussian_nll_from_sse, kl_per_image, recon_per_image
@@ -30,16 +33,38 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 EVAL_NOISE_SEED = 1234
 
 
+def inference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with every BatchNorm2d folded into the conv before it.
+
+    In eval mode a batch norm is a fixed per-channel affine map, so it can be merged into the
+    weights and bias of the preceding Conv2d or ConvTranspose2d: the same function up to float
+    rounding (about 1e-6 relative), one pass over the activations fewer per block. The model
+    itself is left as it was.
+    """
+    folded = copy.deepcopy(model).eval()
+    for block in folded.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        for i in range(len(block) - 1):
+            conv, bn = block[i], block[i + 1]
+            if isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+                channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
+                merged = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
+                block[i] = merged.to(memory_format=torch.channels_last) if channels_last else merged
+                block[i + 1] = nn.Identity()
+    return folded
+
+
 @torch.inference_mode()
 def evaluate(model, images: torch.Tensor, beta: float, batch_size: int, autocast=None,
              keep_mu: bool = False) -> dict:
     """Mean per-image recon, KL and loss of `images` (uint8) in eval mode; optionally the mus.
 
-    The reparameterisation noise comes from a generator with a fixed seed, so the same model
-    and images always give the same numbers, and evaluation leaves the training RNG untouched.
+    Runs on `inference_copy(model)`, so the model's own mode and weights are untouched. The
+    reparameterisation noise comes from a generator with a fixed seed, so the same model and
+    images always give the same numbers, and evaluation leaves the training RNG untouched.
     """
-    was_training = model.training
-    model.eval()
+    model = inference_copy(model)
     generator = torch.Generator(device=images.device).manual_seed(EVAL_NOISE_SEED)
     sums = torch.zeros(2, dtype=torch.float64, device=images.device)
     mus = []
@@ -50,7 +75,6 @@ def evaluate(model, images: torch.Tensor, beta: float, batch_size: int, autocast
         sums[1] += kl_per_image(mu.float(), logvar.float()).sum()
         if keep_mu:
             mus.append(mu.float())
-    model.train(was_training)
     recon, kl = (sums / images.shape[0]).tolist()
     out = {"recon": recon, "kl": kl, "loss": recon + beta * kl}
     if keep_mu:

@@ -1,6 +1,9 @@
 """The seed architecture, and each regularizer switch acting where it should."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -144,3 +147,86 @@ def test_fast_dropout_matches_the_dropout_distribution():
     assert torch.equal(xg.grad, (out.detach() != 0).float() / 0.7), "gradients flow through kept units only"
     d.eval()
     assert torch.equal(d(x), x)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_fast_dropout_masks_are_independent_bernoulli_draws(p):
+    """Rate 1-p within 4 sigma, no correlation between neighbours (the four 16-bit words of one
+    64-bit draw included), a fresh draw each call, the same draws from the same seed."""
+    from ablation.model import Dropout
+
+    d = Dropout(p)
+    x = torch.ones(256, 16, 16, 16).contiguous(memory_format=torch.channels_last)  # 1M activations
+    torch.manual_seed(1)
+    keep = (d(x) != 0).permute(0, 2, 3, 1).reshape(-1).double()  # in memory order
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 4 * sigma
+    for lag in (1, 2, 3, 4, 5):  # lag 1-3 share a 64-bit draw, 4 is the next draw's same word
+        both = (keep[:-lag] * keep[lag:]).mean().item()
+        sigma_both = (1 - p) * ((1 - (1 - p) ** 2) / n) ** 0.5
+        assert abs(both - (1 - p) ** 2) < 4.5 * sigma_both, f"lag {lag}"
+    again = (d(x) != 0).permute(0, 2, 3, 1).reshape(-1).double()
+    assert 0 < (again != keep).double().mean().item(), "every call draws a new mask"
+    torch.manual_seed(1)
+    assert torch.equal((d(x) != 0).permute(0, 2, 3, 1).reshape(-1).double(), keep), "seeded by torch.manual_seed"
+
+
+def test_fast_dropout_keeps_the_layout_and_refuses_a_stale_backward():
+    from ablation.model import Dropout
+
+    d = Dropout(0.3)
+    x = torch.randn(8, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = d(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.detach() != 0, (x.detach() != 0) & (d._mask != 0))
+    z = d(x)  # a second forward pass overwrites the mask the first one saved
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        y.sum().backward()
+    z.sum().backward()
+    assert torch.equal(x.grad, d._mask)
+    odd = torch.randn(3, 5, 7)[:, ::2]  # neither contiguous nor channels_last
+    assert d(odd).shape == odd.shape
+    clone = copy.deepcopy(d)
+    assert clone._mask is None and clone.p == 0.3
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_numbers(batchnorm):
+    from ablation.evaluate import evaluate, inference_copy
+
+    torch.manual_seed(0)
+    model = VAE(width=8, latent_dim=16, dropout=0.3, batchnorm=batchnorm).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.rand(32, 3, 32, 32) * 2 - 1
+    for _ in range(3):  # move the BN statistics and affine parameters away from their initial values
+        x_hat, mu, logvar = model(x)
+        opt.zero_grad()
+        vae_loss(x_hat, x, mu, logvar, 1.0).total.backward()
+        opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = inference_copy(model)
+    assert model.training, "the model keeps its mode"
+    assert not folded.training
+    assert len(layers(folded, nn.BatchNorm2d)) == 0
+    assert len(layers(model, nn.BatchNorm2d)) == (6 if batchnorm else 0)
+    model.eval()
+    with torch.no_grad():
+        mu_ref, lv_ref = model.encode(x)
+        mu_new, lv_new = folded.encode(x)
+        assert torch.allclose(mu_new, mu_ref, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(lv_new, lv_ref, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(folded.decode(mu_ref), model.decode(mu_ref), rtol=1e-4, atol=1e-5)
+    model.train()
+    images = ((x + 1) * 127.5).round().to(torch.uint8)
+    out = evaluate(model, images, beta=4.0, batch_size=10)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.inference_mode():
+        model.eval()
+        gen = torch.Generator().manual_seed(1234)
+        recon = sum(((model(to_unit_range(images[i:i + 10]), gen)[0] - to_unit_range(images[i:i + 10]))
+                     .pow(2).flatten(1).sum(1)).sum().item() for i in range(0, 32, 10))
+        model.train()
+    assert abs(out["recon"] - recon / 32) < 1e-4 * recon / 32
