@@ -5,18 +5,22 @@
     python -m ablation.bench --data-root /path/cifar10-jpg.tar.gz --widths 32 --repeats 5
     python -m ablation.bench --sweep                 # also runs/hour of the smoke factorial (slow)
 
-In one process, for each width, four loops are timed in alternating rounds
-(suite, seed-style, model step, eval, suite, seed-style, ...), after one warm-up round, and
+In one process, for each width, five loops are timed in alternating rounds
+(suite, seed_style, model_step, seed_step, eval, suite, ...), after one warm-up round, and
 the medians are reported:
 
 suite        `Trainer.train_epoch()` of ablation.trainer, the loop `ablation.train` runs, built from a
              config composed with Hydra (`regularizer=all logger=none`) on a fixed number of real
              images; end to end: batch gathering and augmentation of the in-memory uint8 tensor included.
-seed_style   the seed's loop on the same images, model, width and regularizers: torchvision ImageFolder
-             (or CIFAR10) with PIL transforms in a DataLoader (batch 128, 2 persistent workers), Adam with
-             weight decay 1e-4, `vae_loss` with beta 4 and `loss.item()` every step.
-model_step   forward, loss, backward and Adam step on one fixed in-memory float batch: the ceiling for
-             any data pipeline.
+seed_style   the seed's loop on the same images, architecture, initial weights, width and regularizers,
+             written as the seed wrote it: torchvision ImageFolder (or CIFAR10) with PIL transforms in a
+             DataLoader (batch 128, 2 persistent workers), the seed's model (`seed_model`: torch's stock
+             nn.Dropout, default memory format), Adam with weight decay 1e-4, `vae_loss` with beta 4 and
+             `loss.item()` every step.
+model_step   the suite's model (channels_last, `ablation.model.Dropout`): forward, loss, backward and Adam
+             step on one fixed in-memory float batch: the ceiling for any data pipeline.
+seed_step    the same step with the seed's model and layout: model_step / seed_step is the part of the
+             suite's gain that comes from the model code, suite / model_step the part from the data path.
 eval         `ablation.evaluate.evaluate` on the test images (inference mode, eval batch from the config).
 
 It also counts the model's FLOPs per image (torch.utils.flop_counter), measures the machine's fp32
@@ -49,7 +53,7 @@ import torch
 from . import config as C
 from .data import detect_layout, load_images, stratified_indices, subset, to_unit_range
 from .evaluate import evaluate
-from .model import build_model
+from .model import Dropout, build_model
 from .objective import vae_loss
 from .runio import atomic_write_json, atomic_write_text, read_json
 from .train import build_trainer, choose_precision, choose_threads, place_model, prepare
@@ -60,7 +64,7 @@ log = logging.getLogger("ablation.bench")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("results/bench/bench.json")
-LOOPS = ("suite", "seed_style", "model_step", "eval")
+LOOPS = ("suite", "seed_style", "model_step", "seed_step", "eval")
 # Images per repeat of the training loops: a few seconds each on a 2-core CPU.
 DEFAULT_IMAGES = {32: 2048, 128: 512}
 TINY_WIDTH, TINY_IMAGES, TINY_TRAIN, TINY_TEST = 8, 256, 256, 128
@@ -177,6 +181,18 @@ def count_flops(cfg, images: torch.Tensor, settings: RunSettings, device: torch.
     return {"train_per_image": train, "forward_per_image": forward, "batch": int(x.shape[0])}
 
 
+def seed_model(cfg, image_size: int, channels: int) -> torch.nn.Module:
+    """The model as the seed ran it: the suite's architecture and initial weights (same seed), with
+    torch's stock nn.Dropout in place of `ablation.model.Dropout`, in the default memory format."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg, image_size, channels)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, Dropout):
+                setattr(module, name, torch.nn.Dropout(child.p))
+    return model
+
+
 # ----------------------------------------------------------------------------- the seed-style dataset
 
 
@@ -237,7 +253,7 @@ def seed_dataset(root: str | os.PathLike, cache_dir: str | os.PathLike, image_si
 
 
 class WidthBench:
-    """The four loops of one width, each with its own model and optimizer built from one composed config."""
+    """The loops of one width, each with its own model and optimizer built from one composed config."""
 
     def __init__(self, cfg, full, device: torch.device, images: int, run_dir: Path, seed_ds) -> None:
         self.cfg, self.device = cfg, device
@@ -260,9 +276,12 @@ class WidthBench:
                         "the two loops may see different images")
         self.loader = DataLoader(Subset(seed_ds, idx.tolist()), batch_size=SEED_BATCH, shuffle=True,
                                  num_workers=SEED_WORKERS, persistent_workers=True)
-        seed_everything(cfg.seed)
-        self.seed_model = build_model(cfg, self.data.image_size, self.data.channels).to(device)
+        self.seed_model = seed_model(cfg, self.data.image_size, self.data.channels).to(device)
         self.seed_opt = torch.optim.Adam(self.seed_model.parameters(), lr=SEED_LR, weight_decay=SEED_WEIGHT_DECAY)
+        # -- seed step: the seed's model and optimizer on the fixed batch, in the default layout
+        self.seed_step_model = seed_model(cfg, self.data.image_size, self.data.channels).to(device)
+        self.seed_step_opt = torch.optim.Adam(self.seed_step_model.parameters(), lr=SEED_LR,
+                                              weight_decay=SEED_WEIGHT_DECAY)
 
         # -- model step: one fixed float batch, a fresh model, the suite's optimizer and autocast
         seed_everything(cfg.seed)
@@ -290,12 +309,17 @@ class WidthBench:
         return n
 
     def model_step(self) -> int:
-        model, opt, x, s = self.step_model, self.step_opt, self.step_x, self.settings
+        return self._steps(self.step_model, self.step_opt, self.step_x, self.autocast)
+
+    def seed_step(self) -> int:
+        return self._steps(self.seed_step_model, self.seed_step_opt, self.step_x.contiguous(), None)
+
+    def _steps(self, model, opt, x: torch.Tensor, autocast) -> int:
         model.train()
         for _ in range(self.step_count):
-            with self.autocast() if self.autocast else contextlib.nullcontext():
+            with autocast() if autocast else contextlib.nullcontext():
                 x_hat, mu, logvar = model(x)
-            loss = vae_loss(x_hat, x, mu, logvar, s.beta).total
+            loss = vae_loss(x_hat, x, mu, logvar, self.settings.beta).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -313,7 +337,7 @@ class WidthBench:
 
 def bench_width(cfg, full, device: torch.device, images: int, repeats: int, warmup: int, seed_ds,
                 sample_peak: Callable[[], None]) -> dict:
-    """Alternating rounds of the four loops (one matmul-peak sample after each round); medians.
+    """Alternating rounds of the loops (one matmul-peak sample after each round); medians.
 
     The FLOP-limit fractions are filled in later by `apply_peak`, once the best peak of the
     whole process is known (a peak sampled while the machine was busy would flatter every loop).
@@ -345,6 +369,8 @@ def bench_width(cfg, full, device: torch.device, images: int, repeats: int, warm
         "suite_vs_seed_style": _ratio(suite / loops["seed_style"]["images_per_s"], TARGET_SUITE_VS_SEED.get(width)),
         "suite_vs_model_step": _ratio(suite / loops["model_step"]["images_per_s"], TARGET_SUITE_VS_STEP),
         "eval_vs_train": _ratio(loops["eval"]["images_per_s"] / suite, TARGET_EVAL_VS_TRAIN),
+        "model_step_vs_seed_step": _ratio(loops["model_step"]["images_per_s"] / loops["seed_step"]["images_per_s"],
+                                          None),
     }
     return {
         "width": width, "images": wb.images, "eval_images": wb.eval_images, "batch_size": wb.settings.batch_size,
@@ -377,7 +403,7 @@ def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tup
     The peak is the child's own high-water mark, VmHWM in /proc/<pid>/status, polled until it
     exits (the mark only grows). `ru_maxrss` from wait4 is not used on Linux when it is larger:
     a forked child inherits the parent's high-water mark, so a bench holding the dataset and
-    four models would be counted in. Polled every 0.1 s; where /proc is absent, ru_maxrss is the fallback.
+    five models would be counted in. Polled every 0.1 s; where /proc is absent, ru_maxrss is the fallback.
     """
     start = time.perf_counter()
     hwm = 0
@@ -501,7 +527,8 @@ def markdown(result: dict) -> str:
                          f"{per / 1e6:,.1f} M | {_fmt(limit, 0)} | {100 * loop['fraction_of_flop_limit']:.1f}% |")
     lines += ["", "| check | width | value | target | target met |", "|---|---:|---:|---:|---|"]
     names = {"suite_vs_seed_style": "suite / seed-style images/s", "suite_vs_model_step": "suite / model step images/s",
-             "eval_vs_train": "eval / train (suite) images/s"}
+             "eval_vs_train": "eval / train (suite) images/s",
+             "model_step_vs_seed_step": "model step / seed step images/s (model code)"}
     for key, w in result["widths"].items():
         for rname, label in names.items():
             r = w["ratios"][rname]

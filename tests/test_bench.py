@@ -12,7 +12,7 @@ import pytest
 from ablation import bench
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOPS = ("suite", "seed_style", "model_step", "eval")
+LOOPS = ("suite", "seed_style", "model_step", "seed_step", "eval")
 
 
 def _run_bench(out: Path, *extra: str) -> dict:
@@ -50,7 +50,7 @@ def test_tiny_bench_measures_every_loop(tiny):
                     "flop_limit_eval_images_per_s"):
             assert flops[key] > 0, key
         assert flops["train_per_image"] > flops["forward_per_image"]  # backward costs about twice the forward
-        for ratio in ("suite_vs_seed_style", "suite_vs_model_step", "eval_vs_train"):
+        for ratio in ("suite_vs_seed_style", "suite_vs_model_step", "eval_vs_train", "model_step_vs_seed_step"):
             assert width["ratios"][ratio]["value"] > 0
             assert width["ratios"][ratio]["met"] in (True, False, None)
     assert "rss" not in result and "sweep" not in result
@@ -87,3 +87,26 @@ def test_cli_defaults():
 def test_override_values_are_quoted_only_when_needed():
     assert bench._override_value("/data/cifar10-jpg.tar.gz") == "/data/cifar10-jpg.tar.gz"
     assert bench._override_value("/my data/x,y") == "'/my data/x,y'"
+
+
+def test_seed_model_is_the_suite_architecture_with_stock_layers():
+    """The seed-style loops run the same weights; only dropout is torch's own, in the default layout."""
+    import torch
+
+    from ablation.model import Dropout, build_model
+
+    cfg = bench.compose_config(["regularizer=all", "logger=none", "model.width=8"])
+    torch.manual_seed(cfg.seed)
+    suite = build_model(cfg, 32)
+    seed = bench.seed_model(cfg, 32, 3)
+    stock = [m for m in seed.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(stock) == 6 and all(type(m) is torch.nn.Dropout and m.p == 0.3 for m in stock)
+    assert not any(isinstance(m, Dropout) for m in seed.modules())
+    assert [type(m) for m in seed.modules() if not isinstance(m, torch.nn.Dropout)] == \
+        [type(m) for m in suite.modules() if not isinstance(m, torch.nn.Dropout)]
+    for (name, a), (_, b) in zip(suite.state_dict().items(), seed.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    suite.eval(), seed.eval()
+    with torch.no_grad():
+        assert torch.allclose(suite.encode(x)[0], seed.encode(x)[0])
