@@ -82,8 +82,15 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, s: RunSettings) -> torch.optim.Adam:
-    """Adam with the run's L2 weight decay (added to the gradient, as in torch's Adam)."""
-    return torch.optim.Adam(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    """Adam with the run's L2 weight decay (added to the gradient, as in torch's Adam).
+
+    The fused implementation (one kernel per parameter, the same update) where torch has one
+    for the parameters' device: about 5% of the width-32 CPU step, whose Adam update was a
+    few dozen small ops per parameter.
+    """
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, fused=fused or None)
 
 
 def _rng_state() -> dict:
