@@ -17,10 +17,11 @@ seed_style   the seed's loop on the same images, architecture, initial weights, 
              DataLoader (batch 128, 2 persistent workers), the seed's model (`seed_model`: torch's stock
              nn.Dropout, default memory format), Adam with weight decay 1e-4, `vae_loss` with beta 4 and
              `loss.item()` every step.
-model_step   the suite's model (channels_last, `ablation.model.Dropout`): forward, loss, backward and Adam
-             step on one fixed in-memory float batch: the ceiling for any data pipeline.
-seed_step    the same step with the seed's model and layout: model_step / seed_step is the part of the
-             suite's gain that comes from the model code, suite / model_step the part from the data path.
+model_step   the suite's model and optimizer (channels_last, `ablation.model.Dropout`, fused Adam): forward,
+             loss, backward and Adam step on one fixed in-memory float batch: the ceiling for any data pipeline.
+seed_step    the same step with the seed's model, layout and optimizer (torch's default Adam):
+             model_step / seed_step is the part of the suite's gain that comes from the model code,
+             suite / model_step the part from the data path.
 eval         `ablation.evaluate.evaluate` on the test images (inference mode, eval batch from the config).
 
 It also counts the model's FLOPs per image (torch.utils.flop_counter), measures the machine's fp32

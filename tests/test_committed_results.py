@@ -58,3 +58,13 @@ def test_readme_results_match_the_committed_reports():
     if factorial.exists():
         (_, group), = setting_groups(read_runs_csv(factorial))
         assert render_effects_markdown(main_effects(group)) in results_section
+
+
+def test_readme_benchmark_tables_are_the_committed_bench():
+    """The README's benchmark tables are results/bench/bench.md's, row for row."""
+    bench_md = (RESULTS / "bench" / "bench.md").read_text()
+    readme = (RESULTS.parent / "README.md").read_text()
+    rows = [line for line in bench_md.splitlines() if line.startswith("|")]
+    assert len(rows) > 10
+    for row in rows:
+        assert row in readme, row
