@@ -40,7 +40,7 @@ FACTORIAL_JOBS ?= 2
 
 study-cpu: study-cpu-seeds study-cpu-factorial ## Both parts of the CPU study, then its reports
 
-study-cpu-seeds: install ## Part 1: regularizer=none,all x seeds 0,1,2 at budget=cpu (~50 min on 2 cores)
+study-cpu-seeds: install ## Part 1: regularizer=none,all x seeds 0,1,2 at budget=cpu (~45 min on 2 cores)
 	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m regularizer=none,all seed=0,1,2 budget=cpu \
 	  study=cifar10-cpu/none-vs-all
 	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/none-vs-all
