@@ -96,10 +96,17 @@ def linear_probe(train_mu: np.ndarray, train_y: np.ndarray, test_mu: np.ndarray,
 
 
 def final_metrics(model, test_x: torch.Tensor, test_y: torch.Tensor, trainsub_x: torch.Tensor,
-                  trainsub_y: torch.Tensor, beta: float, batch_size: int, autocast=None) -> dict:
-    """The end-of-run metrics listed in the module docstring."""
-    test = evaluate(model, test_x, beta, batch_size, autocast, keep_mu=True)
-    train = evaluate(model, trainsub_x, beta, batch_size, autocast, keep_mu=True)
+                  trainsub_y: torch.Tensor, beta: float, batch_size: int, autocast=None,
+                  test: dict | None = None, train: dict | None = None) -> dict:
+    """The end-of-run metrics listed in the module docstring.
+
+    `test` and `train` may be `evaluate(..., keep_mu=True)` results of this very model on
+    these images (the last epoch's), which are then used instead of evaluating again.
+    """
+    if test is None or "mu" not in test:
+        test = evaluate(model, test_x, beta, batch_size, autocast, keep_mu=True)
+    if train is None or "mu" not in train:
+        train = evaluate(model, trainsub_x, beta, batch_size, autocast, keep_mu=True)
     dims = int(np.prod(test_x.shape[1:]))
     mse01 = test["recon"] / (4.0 * dims)
     neg_elbo = float(gaussian_nll_from_sse(test["recon"], dims) + test["kl"])

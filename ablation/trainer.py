@@ -127,6 +127,7 @@ class Trainer:
         self.train_time = 0.0  # seconds spent in training steps
         self.epoch_rows: list[dict] = []
         self.step_rows: list[dict] = []
+        self._last_eval: tuple[int, dict, dict] | None = None  # (epoch, test, trainsub) of the last epoch
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -221,8 +222,10 @@ class Trainer:
         while self.epoch < s.epochs:
             row = self.train_epoch()
             self.epoch += 1
-            test = evaluate(self.model, self.data.test_x, s.beta, s.eval_batch_size, self.autocast)
-            train = evaluate(self.model, self.trainsub_x, s.beta, s.eval_batch_size, self.autocast)
+            last = self.epoch == s.epochs  # the last epoch keeps the latent means for final()
+            test = evaluate(self.model, self.data.test_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last)
+            train = evaluate(self.model, self.trainsub_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last)
+            self._last_eval = (self.epoch, test, train) if last else None
             row = {"kind": "epoch", "epoch": self.epoch, "step": self.step, **row,
                    "test_recon": test["recon"], "test_kl": test["kl"], "test_loss": test["loss"],
                    "trainsub_recon": train["recon"], "trainsub_kl": train["kl"], "trainsub_loss": train["loss"],
@@ -232,11 +235,10 @@ class Trainer:
                      "%.0f img/s", self.epoch, s.epochs, row["train_loss"], row["train_recon"], row["train_kl"],
                      row["test_recon"], row["test_kl"], row["gen_gap"], row["images_per_s"])
             self.logger.log({f"{split}/{k}": v for split, d in (("test", test), ("trainsub", train))
-                             for k, v in d.items()} | {"epoch": self.epoch, "gen_gap": row["gen_gap"],
+                             for k, v in d.items() if k != "mu"} | {"epoch": self.epoch, "gen_gap": row["gen_gap"],
                                                         "train/epoch_loss": row["train_loss"],
                                                         "train/images_per_s": row["images_per_s"]},
                             step=self.step)
-            last = self.epoch == s.epochs
             if self.epoch % s.image_interval == 0 or last:
                 path = self.save_recon_grid(self.run_dir / f"recon_epoch{self.epoch:03d}.png")
                 if s.wandb_image_interval and (self.epoch % s.wandb_image_interval == 0 or last):
@@ -279,9 +281,13 @@ class Trainer:
         atomic_write(self.run_dir / "history.csv", lambda f: f.write(frame.to_csv(index=False).encode()))
 
     def final(self) -> dict:
+        """End-of-run metrics; the last epoch's evaluation is reused when it is of this model state."""
         s = self.s
+        test = train = None
+        if self._last_eval is not None and self._last_eval[0] == self.epoch:
+            _, test, train = self._last_eval
         return final_metrics(self.model, self.data.test_x, self.data.test_y, self.trainsub_x, self.trainsub_y,
-                             s.beta, s.eval_batch_size, self.autocast)
+                             s.beta, s.eval_batch_size, self.autocast, test=test, train=train)
 
 
 def _save_grid(x: torch.Tensor, path: Path, nrow: int) -> None:

@@ -230,3 +230,34 @@ def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_numbers(ba
                      .pow(2).flatten(1).sum(1)).sum().item() for i in range(0, 32, 10))
         model.train()
     assert abs(out["recon"] - recon / 32) < 1e-4 * recon / 32
+
+
+def test_final_metrics_reuse_the_last_epoch_evaluation(compose_cfg, tmp_path):
+    """final() takes the last epoch's test/trainsub evaluation instead of running it again, with
+    the same numbers as a fresh final_metrics(); the latent means are never logged as metrics."""
+    from ablation.evaluate import final_metrics
+    from ablation.wandb_logger import NullLogger
+
+    class Recording(NullLogger):
+        def __init__(self):
+            self.keys = set()
+
+        def log(self, data, step=None):
+            self.keys |= set(data)
+
+    cfg = compose_cfg("budget=smoke", "regularizer=all", "model.width=8", "trainer.epochs=2")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(128) % 4
+    data = ImageData(x, y, x[:48], y[:48], ["a", "b", "c", "d"])
+    logger = Recording()
+    trainer = Trainer(build_model(cfg, 32), data, RunSettings.from_cfg(cfg), tmp_path, logger)
+    trainer.fit()
+    epoch, test, train = trainer._last_eval
+    assert epoch == 2 and test["mu"].shape == (48, cfg.model.latent_dim) and "mu" in train
+    assert not any(k.endswith("/mu") for k in logger.keys) and "test/recon" in logger.keys
+    reused = trainer.final()
+    fresh = final_metrics(trainer.model, data.test_x, data.test_y, trainer.trainsub_x, trainer.trainsub_y,
+                          trainer.s.beta, trainer.s.eval_batch_size)
+    assert reused == fresh
+    assert reused["test_recon"] == trainer.epoch_rows[-1]["test_recon"]
