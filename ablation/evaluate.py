@@ -48,9 +48,10 @@ def inference_copy(model: nn.Module) -> nn.Module:
         for i in range(len(block) - 1):
             conv, bn = block[i], block[i + 1]
             if isinstance(bn, nn.BatchNorm2d) and isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
-                channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
                 merged = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
-                block[i] = merged.to(memory_format=torch.channels_last) if channels_last else merged
+                if conv.weight.is_contiguous(memory_format=torch.channels_last):  # keep the model's layout
+                    merged = merged.to(memory_format=torch.channels_last)
+                block[i] = merged
                 block[i + 1] = nn.Identity()
     return folded
 
