@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ablation import bench
 
@@ -33,7 +34,13 @@ def test_tiny_bench_measures_every_loop(tiny):
     result, out = tiny
     assert result["settings"]["tiny"] is True
     assert list(result["widths"]) == ["8"]
-    assert result["peak"]["gflops"] > 0
+    peak = result["peak"]
+    assert peak["gflops"] > 0
+    expected = {"mm", "onednn_conv1x1"} if torch.backends.mkldnn.is_available() else {"mm"}
+    assert set(peak["kernels"]) == expected
+    assert all(k["gflops"] == max(k["samples_gflops"]) > 0 for k in peak["kernels"].values())
+    assert peak["gflops"] == max(k["gflops"] for k in peak["kernels"].values())
+    assert peak["gflops"] == peak["kernels"][peak["kernel"]]["gflops"]
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["threads"] >= 1 and machine["torch"] and machine["cpu"]
     for width in result["widths"].values():
@@ -56,9 +63,21 @@ def test_tiny_bench_measures_every_loop(tiny):
     assert "rss" not in result and "sweep" not in result
 
 
+def test_gemm_peak_merges_later_samples_per_kernel():
+    peak = bench.gemm_peak_gflops(torch.device("cpu"), 64, reps=2)
+    assert peak["n"] == 64 and peak["dtype"] == "float32"
+    assert all(len(k["samples_gflops"]) == 2 for k in peak["kernels"].values())
+    fast = {"kernels": {"mm": {"gflops": 1e9, "samples_gflops": [1.0, 1e9]}}}
+    bench.add_peak_samples(peak, fast)
+    assert peak["kernel"] == "mm" and peak["gflops"] == 1e9
+    assert len(peak["kernels"]["mm"]["samples_gflops"]) == 4
+    assert len(peak["samples_gflops"]) == sum(len(k["samples_gflops"]) for k in peak["kernels"].values())
+
+
 def test_tiny_bench_writes_the_markdown_table(tiny):
-    _, out = tiny
+    result, out = tiny
     md = out.with_suffix(".md").read_text()
+    assert f"Peak fp32 GEMM: {result['peak']['gflops']:,.1f} GFLOP/s" in md
     assert "| width | loop |" in md and "target met" in md
     for name in LOOPS:
         assert f"| {name} |" in md
