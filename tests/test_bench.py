@@ -110,8 +110,6 @@ def test_override_values_are_quoted_only_when_needed():
 
 def test_seed_model_is_the_suite_architecture_with_stock_layers():
     """The seed-style loops run the same weights; only dropout is torch's own, in the default layout."""
-    import torch
-
     from ablation.model import Dropout, build_model
 
     cfg = bench.compose_config(["regularizer=all", "logger=none", "model.width=8"])
