@@ -35,8 +35,9 @@ class Dropout(nn.Dropout):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__(p)
-        self._buffers_for: tuple | None = None  # (shape, stride, dtype, device) the buffers fit
-        self._words = self._uniform16 = self._keep = self._mask = None
+        # flat buffers for the largest activation seen; a smaller one (the last, partial batch of
+        # an epoch) uses their first elements, so the buffers are allocated once per run
+        self._words = self._keep = self._mask = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -51,22 +52,24 @@ class Dropout(nn.Dropout):
         """A fresh draw of the scaled mask (0 or 1/(1-p)), shaped and laid out like `x`."""
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
-        if self._buffers_for != key:
-            n = x.numel()
-            self._words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-            # iid 16-bit uniforms over [-2^15, 2^15), in x's memory layout
-            self._uniform16 = self._words.view(torch.int16)[:n].as_strided(x.size(), x.stride())
-            self._keep = torch.empty_like(x, dtype=torch.bool)
-            self._mask = torch.empty_like(x)
-            self._buffers_for = key
-        self._words.random_(-2 ** 63, None)
-        torch.ge(self._uniform16, round(self.p * 65536) - 32768, out=self._keep)
-        return self._mask.copy_(self._keep).mul_(1.0 / (1.0 - self.p))
+        n, words_n = x.numel(), (x.numel() + 3) // 4
+        mask = self._mask
+        if mask is None or mask.numel() < n or mask.dtype != x.dtype or mask.device != x.device:
+            self._words = torch.empty(words_n, dtype=torch.int64, device=x.device)
+            self._keep = torch.empty(n, dtype=torch.bool, device=x.device)
+            self._mask = torch.empty(n, dtype=x.dtype, device=x.device)
+
+        def like_x(flat: torch.Tensor) -> torch.Tensor:  # x's shape and memory layout over a dense prefix
+            return flat[:n].as_strided(x.size(), x.stride())
+
+        words = self._words[:words_n]
+        words.random_(-2 ** 63, None)
+        # iid 16-bit uniforms over [-2^15, 2^15), four per 64-bit draw
+        keep = torch.ge(like_x(words.view(torch.int16)), round(self.p * 65536) - 32768, out=like_x(self._keep))
+        return like_x(self._mask).copy_(keep).mul_(1.0 / (1.0 - self.p))
 
     def __getstate__(self) -> dict:  # deepcopy and pickling leave the buffers behind; they are redrawn anyway
-        return self.__dict__ | {"_buffers_for": None, "_words": None, "_uniform16": None, "_keep": None,
-                                "_mask": None}
+        return self.__dict__ | {"_words": None, "_keep": None, "_mask": None}
 
 
 def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float) -> nn.Sequential:

@@ -179,16 +179,36 @@ def test_fast_dropout_keeps_the_layout_and_refuses_a_stale_backward():
     x = torch.randn(8, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     y = d(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(y.detach() != 0, (x.detach() != 0) & (d._mask != 0))
     z = d(x)  # a second forward pass overwrites the mask the first one saved
     with pytest.raises(RuntimeError, match="inplace operation"):
         y.sum().backward()
     z.sum().backward()
-    assert torch.equal(x.grad, d._mask)
+    assert torch.equal(x.grad, (z.detach() != 0).float() / 0.7), "the gradient is the mask z was drawn with"
     odd = torch.randn(3, 5, 7)[:, ::2]  # neither contiguous nor channels_last
     assert d(odd).shape == odd.shape
     clone = copy.deepcopy(d)
     assert clone._mask is None and clone.p == 0.3
+
+
+def test_fast_dropout_draws_a_smaller_batch_into_the_same_buffers():
+    """The last, partial batch of an epoch reuses the full batch's buffers, with the draws a fresh
+    layer would make, and the full batch after it still gets a fresh mask of its own."""
+    from ablation.model import Dropout
+
+    full = torch.randn(16, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    part = full[:5]
+    d = Dropout(0.3)
+    d(full)
+    buffers = [d._words.data_ptr(), d._keep.data_ptr(), d._mask.data_ptr()]
+    torch.manual_seed(3)
+    y_part = d(part)
+    assert [d._words.data_ptr(), d._keep.data_ptr(), d._mask.data_ptr()] == buffers, "no new buffers"
+    assert y_part.shape == part.shape and y_part.is_contiguous(memory_format=torch.channels_last)
+    y_full = d(full)
+    torch.manual_seed(3)
+    fresh = Dropout(0.3)
+    assert torch.equal(fresh(part), y_part), "the same draws as a layer that only saw the small batch"
+    assert torch.equal(fresh(full), y_full)
 
 
 @pytest.mark.parametrize("batchnorm", [True, False])
