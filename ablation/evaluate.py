@@ -58,14 +58,18 @@ def inference_copy(model: nn.Module) -> nn.Module:
 
 @torch.inference_mode()
 def evaluate(model, images: torch.Tensor, beta: float, batch_size: int, autocast=None,
-             keep_mu: bool = False) -> dict:
+             keep_mu: bool = False, folded: bool = False) -> dict:
     """Mean per-image recon, KL and loss of `images` (uint8) in eval mode; optionally the mus.
 
-    Runs on `inference_copy(model)`, so the model's own mode and weights are untouched. The
+    Runs on `inference_copy(model)`, so the model's own mode and weights are untouched; with
+    folded=True, `model` is already such a copy (one copy serves several image sets). The
     reparameterisation noise comes from a generator with a fixed seed, so the same model and
     images always give the same numbers, and evaluation leaves the training RNG untouched.
     """
-    model = inference_copy(model)
+    if not folded:
+        model = inference_copy(model)
+    elif model.training:
+        raise ValueError("evaluate(folded=True) needs an inference_copy(model), which is in eval mode")
     generator = torch.Generator(device=images.device).manual_seed(EVAL_NOISE_SEED)
     sums = torch.zeros(2, dtype=torch.float64, device=images.device)
     mus = []
@@ -104,10 +108,12 @@ def final_metrics(model, test_x: torch.Tensor, test_y: torch.Tensor, trainsub_x:
     `test` and `train` may be `evaluate(..., keep_mu=True)` results of this very model on
     these images (the last epoch's), which are then used instead of evaluating again.
     """
+    if test is None or "mu" not in test or train is None or "mu" not in train:
+        model = inference_copy(model)
     if test is None or "mu" not in test:
-        test = evaluate(model, test_x, beta, batch_size, autocast, keep_mu=True)
+        test = evaluate(model, test_x, beta, batch_size, autocast, keep_mu=True, folded=True)
     if train is None or "mu" not in train:
-        train = evaluate(model, trainsub_x, beta, batch_size, autocast, keep_mu=True)
+        train = evaluate(model, trainsub_x, beta, batch_size, autocast, keep_mu=True, folded=True)
     dims = int(np.prod(test_x.shape[1:]))
     mse01 = test["recon"] / (4.0 * dims)
     neg_elbo = float(gaussian_nll_from_sse(test["recon"], dims) + test["kl"])

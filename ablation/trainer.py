@@ -20,7 +20,7 @@ import torch
 from torchvision.utils import save_image
 
 from .data import ImageData, TrainBatches, stratified_indices, to_unit_range
-from .evaluate import evaluate, final_metrics
+from .evaluate import evaluate, final_metrics, inference_copy
 from .objective import vae_loss
 from .runio import atomic_torch_save, atomic_write
 
@@ -223,8 +223,12 @@ class Trainer:
             row = self.train_epoch()
             self.epoch += 1
             last = self.epoch == s.epochs  # the last epoch keeps the latent means for final()
-            test = evaluate(self.model, self.data.test_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last)
-            train = evaluate(self.model, self.trainsub_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last)
+            folded = inference_copy(self.model)  # one eval-mode copy with batch norm folded, for both sets
+            test = evaluate(folded, self.data.test_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last,
+                            folded=True)
+            train = evaluate(folded, self.trainsub_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last,
+                             folded=True)
+            del folded
             self._last_eval = (self.epoch, test, train) if last else None
             row = {"kind": "epoch", "epoch": self.epoch, "step": self.step, **row,
                    "test_recon": test["recon"], "test_kl": test["kl"], "test_loss": test["loss"],

@@ -250,6 +250,12 @@ def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_numbers(ba
                      .pow(2).flatten(1).sum(1)).sum().item() for i in range(0, 32, 10))
         model.train()
     assert abs(out["recon"] - recon / 32) < 1e-4 * recon / 32
+    # one inference copy can serve several evaluations, with the same numbers as a fresh copy each time
+    shared = inference_copy(model)
+    assert evaluate(shared, images, beta=4.0, batch_size=10, folded=True) == out
+    assert evaluate(shared, images, beta=4.0, batch_size=10, folded=True) == out
+    with pytest.raises(ValueError, match="inference_copy"):
+        evaluate(model, images, beta=4.0, batch_size=10, folded=True)  # a training-mode model is not a copy
 
 
 def test_final_metrics_reuse_the_last_epoch_evaluation(compose_cfg, tmp_path):
