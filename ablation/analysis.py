@@ -368,7 +368,7 @@ def collect_run(run_dir: Path, study: str) -> tuple[dict, pd.DataFrame | None]:
     known_flags = all(r in identity for r in REGULARIZERS)
     row = dict.fromkeys(RUN_COLUMNS) | {k: metrics[k] for k in RUN_COLUMNS if k in metrics}
     row |= {k: identity.get(k) for k in ("seed", *SETTINGS, *REGULARIZERS)}
-    row |= {"study": study, "run_name": run_dir.name, "status": status, "included": not reason,
+    row |= {"study": metrics.get("study") or study, "run_name": run_dir.name, "status": status, "included": not reason,
             "excluded_reason": reason or None, "combo": combo_name(identity) if known_flags else None}
     if not reason:
         row |= derived_metrics(history)

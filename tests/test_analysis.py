@@ -77,7 +77,7 @@ def write_run(study: Path, flags: dict, seed: int, metrics: dict | None = None, 
     """A run directory like ablation.train writes it, with known values."""
     run_dir = study / run_name(flags, seed)
     run_dir.mkdir(parents=True)
-    record = {"status": status, "study": study.name, "run_name": run_dir.name, "seed": seed,
+    record = {"status": status, "study": f"{study.parent.name}/{study.name}", "run_name": run_dir.name, "seed": seed,
               "config_hash": f"c{seed}", "settings_hash": settings_hash, "budget": "cpu", "device": "cpu",
               "threads": 2, **{f"reg_{r}": on for r, on in flags.items()}}
     if status == "completed":
@@ -449,8 +449,11 @@ def test_wandb_report_run_offline(study, tmp_path):
     from wandb_records import read_run
 
     rec = read_run(runs[0])
-    expected_group = A.study_name(study, A.read_runs_csv(study / "runs.csv"))
-    assert rec.job_type == "report" and rec.group == expected_group and rec.exit_code == 0
+    trained_under = json.loads(next(study.glob("*/metrics.json")).read_text())["study"]  # e.g. res0/main
+    assert trained_under.endswith("/main"), "the fixture's runs were trained under a nested study name"
+    assert set(A.read_runs_csv(study / "runs.csv")["study"]) == {trained_under}
+    assert rec.job_type == "report" and rec.group == trained_under and rec.exit_code == 0, \
+        "the report run sits in its training runs' W&B group"
     logged = {k: v for row in rec.history for k, v in row.items() if isinstance(v, dict)}
     assert any(v.get("_type") == "table-file" for v in logged.values()), "the tables are wandb.Table"
     assert any(k.startswith("comparison") for k in logged), sorted(logged)
