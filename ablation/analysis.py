@@ -86,8 +86,9 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     Metric("best_epoch", "best epoch", "epoch", "The epoch with the lowest test recon."),
     Metric("loss_volatility", "loss volatility", "std of Δ log loss",
            "Training stability: sample std of the first differences of log(train_loss) over the step rows of "
-           "history.csv (each a mean over log_interval steps) in the second half of training, steps s > S/2 of "
-           "S. Scale-free; undefined with fewer than 3 such rows. Lower = more stable."),
+           "history.csv (each a mean over log_interval steps; rows over fewer steps are left out) in the second half "
+           "of training, steps s > S/2 of S. Scale-free; undefined with fewer than 3 such rows. Lower = more "
+           "stable."),
     Metric("active_units", "active units", "latents",
            "Latent dimensions whose posterior-mean variance over the test set exceeds 0.01."),
     Metric("probe_acc", "probe accuracy", "fraction",
@@ -271,8 +272,29 @@ def kl_max_jump(epochs: pd.DataFrame) -> float:
     return float(jumps.max()) if len(jumps) else math.nan
 
 
-def loss_volatility(steps: pd.DataFrame, total_steps: float) -> float:
-    """Sample std of the first differences of log(train_loss) of the step rows with step > total_steps/2."""
+def window_steps(steps: pd.DataFrame, epoch_ends: pd.Series) -> pd.Series:
+    """How many training steps each step row averages.
+
+    history.csv records it (`window_steps`). Older versions did not, and started a new window at
+    every epoch, so a row's window there began after the previous step row or the previous
+    epoch's last step, whichever came later.
+    """
+    steps = steps.sort_values("step")
+    recorded = steps["window_steps"] if "window_steps" in steps else pd.Series(np.nan, index=steps.index)
+    ends = np.sort(epoch_ends.dropna().to_numpy(float))
+    at = steps["step"].to_numpy(float)
+    previous_row = np.concatenate([[0.0], at[:-1]])
+    previous_end = np.array([ends[ends < s].max() if (ends < s).any() else 0.0 for s in at])
+    inferred = pd.Series(at - np.maximum(previous_row, previous_end), index=steps.index)
+    return recorded.fillna(inferred)
+
+
+def loss_volatility(steps: pd.DataFrame, total_steps: float, epoch_ends: pd.Series | None = None) -> float:
+    """Sample std of the first differences of log(train_loss) over the step rows with step > total_steps/2
+    that average a full window (the most steps any row averages); shorter windows are noisier."""
+    if len(steps):
+        windows = window_steps(steps, epoch_ends if epoch_ends is not None else pd.Series(dtype=float))
+        steps = steps.loc[windows.index[windows == windows.max()]]
     loss = steps[steps["step"] > total_steps / 2].sort_values("step")["train_loss"].to_numpy(float)
     if len(loss) < 3 or (loss <= 0).any():
         return math.nan
@@ -284,7 +306,7 @@ def derived_metrics(history: pd.DataFrame) -> dict:
     epochs = history[history["kind"] == "epoch"]
     steps = history[history["kind"] == "step"]
     return {"kl_cv": kl_cv(epochs), "kl_max_jump": kl_max_jump(epochs),
-            "loss_volatility": loss_volatility(steps, epochs["step"].max())}
+            "loss_volatility": loss_volatility(steps, epochs["step"].max(), epochs["step"])}
 
 
 # ---------------------------------------------------------------------------------------- collection

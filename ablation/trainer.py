@@ -127,6 +127,11 @@ class Trainer:
         self.train_time = 0.0  # seconds spent in training steps
         self.epoch_rows: list[dict] = []
         self.step_rows: list[dict] = []
+        # the train loss parts summed over the images since the last step row, and the number of
+        # images and steps in that window; kept across epochs, so every row averages log_interval steps
+        self.window = torch.zeros(3, dtype=torch.float64, device=data.train_x.device)
+        self.window_images = 0
+        self.window_steps = 0
         self._last_eval: tuple[int, dict, dict] | None = None  # (epoch, test, trainsub) of the last epoch
 
     # ------------------------------------------------------------------ checkpoint
@@ -135,7 +140,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "batches": self.batches.generator.get_state(), "rng": _rng_state(), "epoch": self.epoch,
                 "step": self.step, "train_time": self.train_time, "epoch_rows": self.epoch_rows,
-                "step_rows": self.step_rows}
+                "step_rows": self.step_rows, "window": self.window.detach().cpu().clone(), "window_images": self.window_images,
+                "window_steps": self.window_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -144,6 +150,9 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.epoch, self.step, self.train_time = state["epoch"], state["step"], state["train_time"]
         self.epoch_rows, self.step_rows = list(state["epoch_rows"]), list(state["step_rows"])
+        if "window" in state:  # absent from the checkpoints of older versions, whose windows ended with the epoch
+            self.window.copy_(state["window"])
+            self.window_images, self.window_steps = state["window_images"], state["window_steps"]
 
     # ------------------------------------------------------------------ the loop
 
@@ -157,8 +166,6 @@ class Trainer:
         epoch = self.epoch + 1
         device = self.data.train_x.device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl summed over images
-        window = torch.zeros(3, dtype=torch.float64, device=device)  # the same since the last step row
-        window_n = 0
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         step_t = torch.full((), self.step, dtype=torch.long, device=device)  # the step count, on the device
         seen = 0
@@ -183,15 +190,16 @@ class Trainer:
             opt.step()
             parts_t = torch.stack([loss.detach(), parts.recon.detach(), parts.kl.detach()]).double() * n
             totals += parts_t
-            window += parts_t
-            window_n += n
+            self.window += parts_t
+            self.window_images += n
+            self.window_steps += 1
             seen += n
             step_t += 1
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_t, bad_step)
             if log_now:
-                self._step_row(epoch, window / window_n, grad_norm, bad_step)
-                window.zero_()
-                window_n = 0
+                self._step_row(epoch, self.window / self.window_images, grad_norm, bad_step)
+                self.window.zero_()
+                self.window_images = self.window_steps = 0
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
         self._check_finite(epoch, bad_step)
@@ -210,7 +218,7 @@ class Trainer:
         loss, recon, kl = means.tolist()  # the one host sync every log_interval steps
         gn = float(grad_norm)
         row = {"kind": "step", "epoch": epoch, "step": self.step, "train_loss": loss, "train_recon": recon,
-               "train_kl": kl, "grad_norm": gn}
+               "train_kl": kl, "grad_norm": gn, "window_steps": self.window_steps}
         self.step_rows.append(row)
         self.logger.log({"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/grad_norm": gn,
                          "epoch": epoch}, step=self.step)

@@ -497,3 +497,19 @@ def test_study_with_no_finished_run_still_gets_a_report(tmp_path):
     text = (study / "report.md").read_text()
     assert "No run has finished yet" in text and "`none_seed0`" in text and "`none_seed1`" in text
     assert "<h2" in (study / "report.html").read_text()
+
+
+def test_loss_volatility_leaves_out_rows_over_fewer_steps():
+    """Step rows at every 10th step, epochs of 25 steps. history.csv's window_steps says how many
+    steps each row averages; without it (older versions restarted the window at each epoch) it
+    is inferred from the epoch ends, and rows over fewer steps than the rest are left out."""
+    steps = pd.DataFrame({"kind": "step", "step": range(10, 101, 10),
+                          "train_loss": [100.0 * math.exp(-0.01 * i + (0.05 if i % 2 else 0.0)) for i in range(10)]})
+    ends = pd.Series([25.0, 50.0, 75.0, 100.0])
+    assert A.window_steps(steps, ends).tolist() == [10, 10, 5, 10, 10, 10, 10, 5, 10, 10]
+    assert A.window_steps(steps.assign(window_steps=10), ends).tolist() == [10] * 10, "a recorded window wins"
+    full = steps[A.window_steps(steps, ends).to_numpy() == 10]
+    second = full[full["step"] > 50]["train_loss"].to_numpy()
+    expected = float(np.std(np.diff(np.log(second)), ddof=1))
+    assert A.loss_volatility(steps, 100.0, ends) == pytest.approx(expected, rel=1e-12)
+    assert A.loss_volatility(steps.assign(window_steps=10), 100.0, ends) != pytest.approx(expected, rel=1e-6)
