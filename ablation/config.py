@@ -198,6 +198,8 @@ def validate(cfg: DictConfig) -> None:
         (0.0 <= cfg.dropout.p < 1.0, f"dropout.p={cfg.dropout.p} is outside [0, 1); use e.g. dropout.p=0.3"),
         (cfg.beta.value >= 0, f"beta.value={cfg.beta.value} is negative; the KL weight must be >= 0 (e.g. beta.value=4)"),
         (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0 (the seed uses optim.lr=1e-3)"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1) (Adam's default: optim.betas=[0.9,0.999])"),
         (cfg.weight_decay.value >= 0, f"weight_decay.value={cfg.weight_decay.value} must be >= 0"),
         (cfg.model.width >= 1, f"model.width={cfg.model.width} must be >= 1 (the seed uses 128)"),
         (cfg.model.latent_dim >= 1, f"model.latent_dim={cfg.model.latent_dim} must be >= 1 (the seed uses 128)"),
@@ -214,6 +216,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.fault in (None, "nan_loss", "raise"),
          f"trainer.fault={cfg.trainer.fault!r} is not one of null, nan_loss, raise"),
         (cfg.logger.backend in ("wandb", "none"), f"logger.backend={cfg.logger.backend!r} is not one of wandb, none"),
+        (cfg.logger.log_interval >= 1, f"logger.log_interval={cfg.logger.log_interval} must be >= 1"),
+        (cfg.logger.image_interval >= 1, f"logger.image_interval={cfg.logger.image_interval} must be >= 1"),
         (cfg.logger.mode in ("auto", "online", "offline", "disabled"),
          f"logger.mode={cfg.logger.mode!r} is not one of auto, online, offline, disabled"),
     ]
@@ -230,14 +234,29 @@ def _hash(container: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# Fields that never change what a run computes: where it is written, how it is logged,
-# whether an old directory may be replaced, and how many CPU threads it uses.
+# Fields that never change what a run computes: where it is written, how it is logged (but
+# see step_row_interval), whether an old directory may be replaced, and how many CPU threads it uses.
 _NOT_HASHED = ("logger", "overwrite", "results_dir", "study", "run_name")
+
+
+def step_row_interval(cfg: DictConfig) -> int:
+    """Steps between the step rows of history.csv: trainer.log_interval, or with W&B the smaller of
+    it and logger.log_interval (W&B logs from the same rows)."""
+    if cfg.logger.backend == "wandb":
+        return min(cfg.trainer.log_interval, cfg.logger.log_interval)
+    return cfg.trainer.log_interval
+
+
+def _hashed(cfg: DictConfig) -> dict:
+    """The resolved config without the logger, with the step-row interval the logger may shorten."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["trainer"]["log_interval"] = step_row_interval(cfg)
+    return container
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the full resolved config that determines a run's results."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = _hashed(cfg)
     for key in _NOT_HASHED:
         container.pop(key, None)
     container["trainer"].pop("threads", None)
@@ -247,7 +266,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 def settings_hash(cfg: DictConfig) -> str:
     """Hash of the non-regularizer settings: runs are only pooled when this matches."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = _hashed(cfg)
     for key in (*_NOT_HASHED, *REGULARIZERS, "seed"):
         container.pop(key, None)
     container["trainer"].pop("threads", None)

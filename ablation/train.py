@@ -54,9 +54,18 @@ def choose_device(requested: str, job_num: int) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", job_num % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise C.ConfigError(f"trainer.device={requested!r} is not a device; use trainer.device=auto, cpu, cuda "
+                            f"or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise C.ConfigError(f"trainer.device={requested} is not supported; use trainer.device=auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise C.ConfigError(f"trainer.device={requested} but CUDA is not available here; use trainer.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise C.ConfigError(f"trainer.device={requested} but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of those or auto")
     return device
 
 
@@ -149,8 +158,7 @@ def build_trainer(cfg: DictConfig, data, device: torch.device, run_dir: Path, lo
     model = place_model(build_model(cfg, data.image_size, data.channels), device)
     step_model = torch.compile(model) if cfg.trainer.compile else model
     settings = RunSettings.from_cfg(cfg)
-    if cfg.logger.backend == "wandb":
-        settings.log_interval = min(settings.log_interval, cfg.logger.log_interval)
+    settings.log_interval = C.step_row_interval(cfg)
     return Trainer(model, data, settings, run_dir, logger, choose_precision(cfg.trainer.precision, device),
                    step_model)
 

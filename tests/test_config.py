@@ -151,6 +151,10 @@ def test_unknown_option_lists_the_choices(compose_cfg):
     ("model.width=0", "model.width=0 must be >= 1"),
     ("model.latent_dim=0", "model.latent_dim=0 must be >= 1"),
     ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+    ("logger.log_interval=0", "logger.log_interval=0 must be >= 1"),
+    ("logger.image_interval=0", "logger.image_interval=0 must be >= 1"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
 ])
 def test_out_of_range_values_are_refused(compose_cfg, override, message):
     cfg = compose_cfg("budget=smoke", override)
@@ -165,6 +169,12 @@ def test_config_hash_ignores_logging_but_not_settings(compose_cfg):
     assert C.config_hash(compose_cfg("budget=smoke", "logger=none", "study=x")) == h
     assert C.config_hash(compose_cfg("budget=smoke", "trainer.epochs=3")) != h
     assert C.config_hash(compose_cfg("budget=smoke", "dropout=on")) != h
+    # W&B's log interval shortens the step rows of history.csv when it is the smaller one
+    assert C.config_hash(compose_cfg("budget=smoke", "logger.log_interval=20")) == h
+    assert C.config_hash(compose_cfg("budget=smoke", "logger.log_interval=5")) != h
+    assert C.config_hash(compose_cfg("budget=smoke", "logger.log_interval=5", "trainer.log_interval=5")) == \
+        C.config_hash(compose_cfg("budget=smoke", "trainer.log_interval=5", "logger=none"))
     s = C.settings_hash(base)
+    assert C.settings_hash(compose_cfg("budget=smoke", "logger.log_interval=5")) != s
     assert C.settings_hash(compose_cfg("budget=smoke", "regularizer=all", "seed=4")) == s
     assert C.settings_hash(compose_cfg("budget=smoke", "model.width=16")) != s

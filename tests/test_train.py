@@ -101,6 +101,7 @@ def test_factorial_sweep_runs_all_32_combinations(env):
     ("dropout.p=1.5", "dropout.p=1.5 is outside [0, 1)"),
     ("beta.value=-2", "beta.value=-2.0 is negative"),
     ("optim.lr=0", "optim.lr=0.0 must be > 0"),
+    ("trainer.device=gpu", "trainer.device='gpu' is not a device; use trainer.device=auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_values_give_one_clear_error_before_training(env, override, message):
     proc = train(override, env=env, check=False)
