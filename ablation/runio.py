@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, IO, Iterator
 
@@ -21,6 +22,31 @@ import torch
 
 class RunLockedError(RuntimeError):
     """Another live process holds the run directory."""
+
+
+# An empty or unparseable run.lock younger than this is taken to be held; an older one can
+# only be left over from a crash in the middle of writing it, and is taken over.
+LOCK_GRACE_S = 60.0
+
+
+def _read_umask() -> int:
+    """The process umask, read once at import (see _UMASK)."""
+    try:  # Linux >= 4.7 reports it without touching it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # os.umask can only be read by setting it. Doing that on every write would briefly leave
+    # the umask at the dummy value while other threads create files, so it is done once here.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+# The umask at import time: temp files are given the mode a plain open() would have given them.
+_UMASK = _read_umask()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,11 +63,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from a shared group
     try:
-        with os.fdopen(fd, "wb") as f:
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from a shared group
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "wb") as f:  # f owns fd from here on and closes it on every path
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -96,36 +124,101 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _create_lock(lock: Path, content: str) -> bool:
+    """Create `lock` holding `content`, atomically; False if it already exists.
+
+    The content goes to a temp file first, which is then hard-linked to the lock's name, so
+    no other process can ever see the lock without its holder line.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", suffix=".tmp", dir=lock.parent)
+    try:
+        try:
+            os.fchmod(fd, 0o644 & ~_UMASK)  # readable by the other jobs of a shared group
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "w") as f:  # f owns fd from here on and closes it on every path
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, lock)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # A filesystem without hard links: create it with O_EXCL and write it after. A
+            # reader that comes in between sees an empty lock, which it takes to be held.
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(content)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _read_lock(lock: Path) -> tuple[str, float] | None:
+    """The holder line of `lock` and its age in seconds, or None if there is no lock."""
+    try:
+        with open(lock, "rb") as f:
+            age = time.time() - os.fstat(f.fileno()).st_mtime
+            return f.read().decode("utf-8", "replace").strip(), age
+    except FileNotFoundError:
+        return None
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold `run_dir/run.lock` for the duration of a run.
 
-    The lock file is created with O_EXCL and names the holder's host and pid. A lock held by
-    a live process on this host is refused with RunLockedError; a stale lock (its process is
-    gone) is taken over. A lock from another host is trusted, since its process can't be checked.
+    The lock file names the holder's host and pid, and appears with that content already in
+    it (written to a temp file, then hard-linked into place). An existing lock is:
+    - held by a live process on this host: refused with RunLockedError;
+    - left by a dead process on this host: stale, taken over;
+    - from another host: refused, since its process can't be checked from here (the error
+      says to delete the lock file if that job is gone);
+    - empty or unparseable: refused while younger than LOCK_GRACE_S, taken over after that
+      (only a crash while writing it could leave one so).
+    The lock is removed on exit if it still names this process.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / "run.lock"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = lock.read_text().strip() if lock.exists() else ""
-            host, _, pid = holder.partition(" ")
-            stale = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-            if holder and not stale:
+    here = socket.gethostname()
+    me = f"{here} {os.getpid()}"
+    for _ in range(3):
+        if _create_lock(lock, me + "\n"):
+            break
+        found = _read_lock(lock)
+        if found is None:
+            continue  # released in the meantime: try again
+        holder, age = found
+        host, _, pid = holder.partition(" ")
+        if not (host and pid.isdigit()):
+            if age < LOCK_GRACE_S:
                 raise RunLockedError(
-                    f"run directory {run_dir} is locked by process {pid or '?'} on {host or '?'} "
-                    f"(file {lock}). Two jobs must not write one run: wait for it to finish, or if that "
-                    f"process is gone, delete the lock file.")
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its process is dead
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        break
+                    f"run directory {run_dir} is locked: its lock file {lock} has no readable holder "
+                    f"(another job may be creating it right now). If no job is using this run, delete "
+                    f"the lock file and rerun; a lock left so is also taken over after "
+                    f"{LOCK_GRACE_S:.0f} s.")
+        elif host != here:
+            raise RunLockedError(
+                f"run directory {run_dir} is locked by process {pid} on host {host} (file {lock}); "
+                f"a process on another host cannot be checked from here. Two jobs must not write one "
+                f"run: wait for it to finish, or if that job is gone (e.g. a lost cluster node), "
+                f"delete {lock} and rerun.")
+        elif _alive(int(pid)):
+            raise RunLockedError(
+                f"run directory {run_dir} is locked by process {pid} on {host} (file {lock}). Two jobs "
+                f"must not write one run: wait for it to finish, or if that process is gone, delete "
+                f"the lock file.")
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()  # stale: its process is dead, or it was left half-written
     else:
         raise RunLockedError(f"could not take the lock {lock}; another process keeps recreating it")
     try:

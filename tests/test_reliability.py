@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ablation.runio import RunLockedError, atomic_write_text, run_lock
+from ablation.runio import RunLockedError, atomic_write, atomic_write_text, run_lock
 from conftest import ROOT, train
 from wandb_records import read_run
 
@@ -158,6 +158,73 @@ def test_two_processes_never_share_a_run_directory(env):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_empty_lock_is_held_until_it_is_older_than_the_grace_period(tmp_path):
+    """An empty lock is another job between creating and writing it, unless it is old."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / "run.lock"
+    lock.write_text("")
+    with pytest.raises(RunLockedError, match="no readable holder"):
+        with run_lock(run_dir):
+            pass
+    assert lock.exists() and lock.read_text() == "", "a fresh empty lock is left alone"
+    # Two minutes old: only a crash mid-write leaves one so; it is taken over, then released.
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    with run_lock(run_dir) as held:
+        assert held.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert not lock.exists()
+
+
+def test_a_lock_from_another_host_is_refused_and_says_how_to_clear_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / "run.lock"
+    lock.write_text("node-elsewhere.invalid 12345\n")
+    old = time.time() - 3600  # however old: its process can't be checked from here
+    os.utime(lock, (old, old))
+    with pytest.raises(RunLockedError) as info:
+        with run_lock(run_dir):
+            pass
+    message = str(info.value)
+    assert str(lock) in message and "delete" in message
+    assert "node-elsewhere.invalid" in message and "12345" in message
+    assert "cannot be checked" in message
+    assert lock.read_text() == "node-elsewhere.invalid 12345\n", "the other host's lock is kept"
+
+
+def test_a_taken_lock_names_this_process_and_leaves_no_temp_file(tmp_path):
+    run_dir = tmp_path / "run"
+    with run_lock(run_dir) as lock:
+        assert lock == run_dir / "run.lock"
+        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
+        # A second taker in this live process is refused, and leaves no temp file either.
+        with pytest.raises(RunLockedError, match=f"locked by process {os.getpid()}"):
+            with run_lock(run_dir):
+                pass
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
+    assert list(run_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+def test_atomic_write_cleans_up_when_the_writer_raises(tmp_path):
+    target = tmp_path / "history.csv"
+    atomic_write_text(target, "old")
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def broken(f):
+        f.write(b"half")
+        raise ValueError("writer bug")
+
+    for _ in range(20):
+        with pytest.raises(ValueError, match="writer bug"):
+            atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["history.csv"], "the temp file is removed"
+    assert len(os.listdir("/proc/self/fd")) == fds, "the temp file's descriptor is closed"
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
