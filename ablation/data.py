@@ -7,10 +7,17 @@
 2. an ImageFolder directory with `train/<class>/*` and `test/<class>/*`;
 3. a `.tar.gz` (or `.tgz`, `.tar`) of either, read without unpacking.
 
-The decoded images are cached as one uint8 tensor file under `data.cache_dir`, keyed by
-the source's path, size and modification time, and held in memory (on the GPU when
-training there). Training batches are gathered from that tensor, augmented with tensor
-ops on the device (no PIL, no DataLoader workers), and scaled to [-1, 1] for the Tanh output.
+A directory whose only sub-folder holds (1) or (2), as unpacking an archive leaves it, is
+used through that sub-folder. CIFAR-10 is read straight from its python batches.
+
+Decoded archives and ImageFolders are cached as one uint8 tensor file under
+`data.cache_dir`. An archive's cache key is its path, size and modification time; an
+ImageFolder's is its path plus the relative path, size and modification time (ns) of every
+image file under `train/<class>/` and `test/<class>/`, so adding, replacing or deleting an
+image rebuilds the cache (one stat per file; contents are not read). The images are held
+in memory (on the GPU when training there). Training batches are gathered from that
+tensor, augmented with tensor ops on the device (no PIL, no DataLoader workers), and
+scaled to [-1, 1] for the Tanh output.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 LAYOUTS = (
     "data.root accepts: (1) a torchvision CIFAR-10 directory holding cifar-10-batches-py/; "
     "(2) an ImageFolder directory with train/<class>/ and test/<class>/ image folders; "
@@ -102,23 +110,36 @@ def subset(data: ImageData, train_size: int | None, test_size: int | None, seed:
 
 def detect_layout(root: Path) -> str:
     """'archive', 'cifar10', 'imagefolder' or 'missing'; raises DataError for an unusable directory."""
+    return locate(Path(root))[0]
+
+
+def locate(root: Path) -> tuple[str, Path]:
+    """(layout, path): the layout `detect_layout` reports and the path that holds it.
+
+    The path is the archive for 'archive', the `cifar-10-batches-py` folder itself for
+    'cifar10', the folder holding train/ and test/ for 'imagefolder', and `root` for
+    'missing'. It differs from `root` when the data sits inside a single wrapping folder
+    (an unpacked archive: root/<name>/cifar-10-batches-py or root/<name>/{train,test}).
+    """
     if root.is_file():
         if root.name.endswith(ARCHIVE_SUFFIXES):
-            return "archive"
+            return "archive", root
         raise DataError(f"data.root '{root}' is a file but not a .tar.gz/.tgz/.tar archive. {LAYOUTS}")
     if not root.exists():
-        return "missing"
-    if (root / CIFAR_DIR).is_dir() or root.name == CIFAR_DIR:
-        return "cifar10"
+        return "missing", root
+    if (root / CIFAR_DIR).is_dir():
+        return "cifar10", root / CIFAR_DIR
+    if root.name == CIFAR_DIR:
+        return "cifar10", root
     if (root / "train").is_dir() or (root / "test").is_dir():
         missing = [s for s in ("train", "test") if not (root / s).is_dir()]
         if missing:
             raise DataError(f"ImageFolder '{root}' has no {missing[0]}/ folder; it needs both train/ and test/, "
                             f"each with one folder per class. {LAYOUTS}")
-        return "imagefolder"
+        return "imagefolder", root
     children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
-    if len(children) == 1:  # an unpacked archive: root/<name>/{train,test}
-        return detect_layout(children[0])
+    if len(children) == 1:  # an unpacked archive: root/<name>/{train,test} or root/<name>/cifar-10-batches-py
+        return locate(children[0])
     raise DataError(f"data.root '{root}' is neither a CIFAR-10 directory nor an ImageFolder with train/ and "
                     f"test/. {LAYOUTS}")
 
@@ -164,33 +185,72 @@ def _from_files(split_files: dict[str, list[tuple[str, str, bytes | Path]]], whe
     return ImageData(*out["train"], *out["test"], classes["train"])
 
 
+def _imagefolder_files(root: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """{split: [(class, file name, path)]}: every image file ImageFolder `root` is read from.
+
+    Class folders are the sub-folders of train/ and test/; images are their files with an
+    image suffix. Sorted by class and name, so the listing (and the cache key built from
+    it) is deterministic.
+    """
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for split in ("train", "test"):
+        with os.scandir(root / split) as it:
+            class_dirs = sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+        files = []
+        for cdir in class_dirs:
+            with os.scandir(cdir.path) as it:
+                names = sorted(e.name for e in it if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+            files.extend((cdir.name, name, os.path.join(cdir.path, name)) for name in names)
+        out[split] = files
+    return out
+
+
 def _load_imagefolder(root: Path) -> ImageData:
-    split_files: dict[str, list] = {"train": [], "test": []}
-    for split in split_files:
-        for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            for f in cdir.iterdir():
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    split_files[split].append((cdir.name, f.name, f))
+    split_files = {split: [(c, name, Path(path)) for c, name, path in files]
+                   for split, files in _imagefolder_files(root).items()}
     return _from_files(split_files, str(root))
 
 
-def _cifar_batches(read, where: str) -> ImageData:
-    """CIFAR-10 python batches through `read(name) -> bytes`."""
-    def load(name: str) -> dict:
-        return pickle.loads(read(name), encoding="latin1")
+def _cifar_batches(files: dict[str, bytes | Path], where: str) -> ImageData:
+    """CIFAR-10 from its python batches, given as {file name: bytes-or-path}."""
+    missing = [name for name in CIFAR_FILES if name not in files]
+    if missing:
+        raise DataError(f"CIFAR-10 '{where}' lacks {', '.join(missing)}; a complete CIFAR-10 python folder "
+                        f"({CIFAR_DIR}/) holds {', '.join(CIFAR_FILES)}. Re-download or re-extract it. {LAYOUTS}")
 
-    def images(batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(name: str, keys: tuple[str, ...]) -> dict:
+        src = files[name]
+        try:
+            batch = pickle.loads(src.read_bytes() if isinstance(src, Path) else src, encoding="latin1")
+            absent = [k for k in keys if k not in batch]
+        except Exception as exc:  # unpickling raises several types for a truncated or foreign file
+            raise DataError(f"CIFAR-10 '{where}': {name} cannot be read as a CIFAR-10 python batch "
+                            f"({type(exc).__name__}: {exc}). Re-download or re-extract it.") from exc
+        if absent:
+            raise DataError(f"CIFAR-10 '{where}': {name} has no {absent[0]!r} entry; it is not a CIFAR-10 "
+                            f"python batch. Re-download or re-extract it.")
+        return batch
+
+    def images(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = [load(name, ("data", "labels")) for name in names]
         x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
         y = np.concatenate([b["labels"] for b in batches])
         return torch.from_numpy(x.copy()), torch.from_numpy(y).long()
 
-    train = images([load(f"data_batch_{i}") for i in range(1, 6)])
-    test = images([load("test_batch")])
-    classes = load("batches.meta")["label_names"]
+    train = images([f"data_batch_{i}" for i in range(1, 6)])
+    test = images(["test_batch"])
+    classes = load("batches.meta", ("label_names",))["label_names"]
     return ImageData(*train, *test, list(classes))
 
 
+def _load_cifar_dir(batches: Path) -> ImageData:
+    """CIFAR-10 from an existing `cifar-10-batches-py` folder."""
+    return _cifar_batches({name: batches / name for name in CIFAR_FILES if (batches / name).is_file()},
+                          str(batches))
+
+
 def _load_cifar10(root: Path, download: bool) -> ImageData:
+    """CIFAR-10 through torchvision, which downloads it into `root` when `download` is set."""
     from torchvision.datasets import CIFAR10
 
     base = root.parent if root.name == CIFAR_DIR else root
@@ -223,8 +283,8 @@ def _load_archive(path: Path) -> ImageData:
                     split_files[parts[-3]].append((parts[-2], parts[-1], tar.extractfile(member).read()))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"data.root '{path}' cannot be read as a tar archive ({exc}). {LAYOUTS}") from exc
-    if "data_batch_1" in cifar:
-        return _cifar_batches(lambda name: cifar[name], str(path))
+    if any(name in cifar for name in CIFAR_FILES) or (cifar and not any(split_files.values())):
+        return _cifar_batches(cifar, str(path))
     if not split_files["train"] and not split_files["test"]:
         raise DataError(f"archive '{path}' holds neither {CIFAR_DIR}/ nor train/<class>/ and test/<class>/ images. "
                         f"{LAYOUTS}")
@@ -239,20 +299,25 @@ def _cache_file(root: Path, layout: str, cache_dir: Path) -> Path | None:
     if layout == "archive":
         stat = root.stat()
         key = f"{root.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     elif layout == "imagefolder":
-        stat = root.stat()
-        key = f"{root.resolve()}|{stat.st_mtime_ns}|" + "|".join(
-            f"{d}:{(root / d).stat().st_mtime_ns}" for d in ("train", "test"))
+        # Every image the loader reads: relative path, size and mtime. The folders' own mtimes
+        # would miss an image added, replaced or deleted inside a class folder.
+        h = hashlib.sha256(f"imagefolder|{root.resolve()}".encode())
+        for split, files in _imagefolder_files(root).items():
+            for c, name, path in files:
+                stat = os.stat(path)
+                h.update(os.fsencode(f"{split}/{c}/{name}") + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest = h.hexdigest()[:16]
     else:
-        return None  # torchvision's own files load fast enough
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return None  # CIFAR-10's python batches load fast enough
     return cache_dir / f"{root.name.split('.')[0]}-{digest}.pt"
 
 
 def load_images(root: str | os.PathLike, download: bool = True, cache_dir: str | os.PathLike | None = None) -> ImageData:
     """Load both splits of the dataset at `root` as uint8 tensors, using or filling the cache."""
     root = Path(root).expanduser()
-    layout = detect_layout(root)
+    layout, where = locate(root)
     if layout == "missing":
         if not download:
             raise DataError(f"data.root '{root}' does not exist and data.download=false. {LAYOUTS}")
@@ -262,10 +327,11 @@ def load_images(root: str | os.PathLike, download: bool = True, cache_dir: str |
         except OSError as exc:
             raise DataError(f"data.root '{root}' does not exist and cannot be created ({exc}). {LAYOUTS}") from exc
         return _load_cifar10(root, download=True)
+    if where != root:
+        log.info("data.root %s: reading the %s data in %s", root, layout, where)
     if layout == "cifar10":
-        return _load_cifar10(root, download=False)
-    if layout == "imagefolder" and not (root / "train").is_dir():
-        root = next(c for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+        return _load_cifar_dir(where)
+    root = where
     cache = _cache_file(root, layout, Path(cache_dir).expanduser()) if cache_dir else None
     if cache is not None and cache.exists():
         try:

@@ -1,6 +1,7 @@
 """Data layouts, subsets, the cache, and the errors for bad data roots."""
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import tarfile
@@ -61,6 +62,73 @@ def test_cifar10_python_batches_in_an_archive(tmp_path):
     assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
     assert data.classes == [f"c{i}" for i in range(10)]
     assert detect_layout(tmp_path / "src") == "cifar10"
+
+
+def test_imagefolder_cache_follows_images_inside_class_folders(tmp_path):
+    # BMP files of one size are all the same length: a replaced image differs only in its mtime.
+    root = make_imagefolder(tmp_path / "d", n_train=8, n_test=4, fmt="bmp")
+    cache = tmp_path / "cache"
+    target = root / "train" / "class_0" / "0000.bmp"
+    os.utime(target, ns=(1_000_000_000, 1_000_000_000))  # an old mtime: a later rewrite surely differs
+    first = load_images(root, cache_dir=cache)
+    assert first.train_x.shape[0] == 8
+    (cached,) = cache.glob("*.pt")
+    stamp = cached.stat().st_mtime_ns
+
+    again = load_images(root, cache_dir=cache)  # nothing changed: the cache file is reused, not rewritten
+    assert list(cache.glob("*.pt")) == [cached] and cached.stat().st_mtime_ns == stamp
+    assert torch.equal(again.train_x, first.train_x)
+
+    shutil.copyfile(root / "train" / "class_0" / "0004.bmp", root / "train" / "class_1" / "0099.bmp")
+    added = load_images(root, cache_dir=cache)
+    assert added.train_x.shape[0] == first.train_x.shape[0] + 1
+    assert torch.bincount(added.train_y).tolist() == [2, 3, 2, 2]
+
+    original = load_images(root, cache_dir=None).train_x[0]  # class_0/0000.bmp sorts first
+    size = target.stat().st_size
+    shutil.copyfile(root / "train" / "class_2" / "0002.bmp", target)
+    assert target.stat().st_size == size
+    replaced = load_images(root, cache_dir=cache)
+    assert not torch.equal(replaced.train_x[0], original)
+    assert torch.equal(replaced.train_x[0], load_images(root, cache_dir=None).train_x[0])
+
+    (root / "train" / "class_1" / "0099.bmp").unlink()
+    deleted = load_images(root, cache_dir=cache)
+    assert deleted.train_x.shape[0] == 8 and torch.equal(deleted.train_x, load_images(root, cache_dir=None).train_x)
+    assert len(list(cache.glob("*.pt"))) == 4  # one cache file per state: first, added, replaced, deleted
+
+
+def test_cifar10_nested_one_level_down_loads(tmp_path):
+    # root/<name>/cifar-10-batches-py, as unpacking an archive into root leaves it.
+    d = _fake_cifar(tmp_path / "outer" / "cifar-10-python")
+    assert detect_layout(tmp_path / "outer") == "cifar10"
+    data = load_images(tmp_path / "outer", download=False, cache_dir=tmp_path / "cache")
+    assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
+    assert data.classes == [f"c{i}" for i in range(10)]
+    with open(d / "data_batch_2", "rb") as f:
+        batch = pickle.load(f)
+    assert torch.equal(data.train_x[20:40].reshape(20, -1), torch.from_numpy(batch["data"]))
+    assert data.train_y[20:40].tolist() == batch["labels"]
+    for same in (tmp_path / "outer" / "cifar-10-python", d):  # the torchvision root and the batches folder
+        other = load_images(same, download=False)
+        assert torch.equal(other.train_x, data.train_x) and torch.equal(other.test_y, data.test_y)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "archive"])
+def test_cifar10_missing_batch_file_names_it(tmp_path, packed):
+    d = _fake_cifar(tmp_path / "src")
+    (d / "data_batch_3").unlink()
+    root = tmp_path / "src"
+    if packed:
+        root = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(root, "w:gz") as tar:
+            tar.add(d, arcname="cifar-10-batches-py")
+    with pytest.raises(DataError) as info:
+        load_images(root, download=False, cache_dir=tmp_path / "cache")
+    msg = str(info.value)
+    assert "lacks data_batch_3;" in msg and str(root if packed else d) in msg
+    assert "complete CIFAR-10 python folder" in msg
+    assert all(name in msg for name in ("data_batch_1", "data_batch_5", "test_batch", "batches.meta"))
 
 
 def test_stratified_subsets_are_deterministic_and_balanced():
