@@ -251,9 +251,11 @@ class Trainer:
                                                         "train/epoch_loss": row["train_loss"],
                                                         "train/images_per_s": row["images_per_s"]},
                             step=self.step)
-            if self.epoch % s.image_interval == 0 or last:
+            grid_due = self.epoch % s.image_interval == 0 or last
+            wandb_due = bool(s.wandb_image_interval) and (self.epoch % s.wandb_image_interval == 0 or last)
+            if grid_due or wandb_due:  # W&B logs the grid file, so it is written whenever either is due
                 path = self.save_recon_grid(self.run_dir / f"recon_epoch{self.epoch:03d}.png")
-                if s.wandb_image_interval and (self.epoch % s.wandb_image_interval == 0 or last):
+                if wandb_due:
                     self.logger.log_images({"recon": path}, step=self.step)
             self.write_history()
             if s.checkpoint and not last:
