@@ -100,7 +100,7 @@ def choose_precision(requested: str, device: torch.device):
 
 
 def _existing_state(run_dir: Path, chash: str, overwrite: bool) -> str:
-    """'completed', 'resume' or 'fresh' for this config in `run_dir`; refuses a foreign directory."""
+    """'completed', 'diverged', 'resume' or 'fresh' for this config in `run_dir`; refuses a foreign directory."""
     metrics = read_json(run_dir / "metrics.json")
     ckpt = run_dir / "checkpoint.pt"
     old = metrics.get("config_hash") if metrics else None
@@ -121,8 +121,8 @@ def _existing_state(run_dir: Path, chash: str, overwrite: bool) -> str:
             png.unlink()
         shutil.rmtree(run_dir / "wandb", ignore_errors=True)
         return "fresh"
-    if metrics and metrics.get("status") == "completed" and old == chash:
-        return "completed"
+    if metrics and metrics.get("status") in ("completed", "diverged") and old == chash:
+        return metrics["status"]  # both are results; a diverged run would diverge again (on the CPU, exactly)
     return "resume" if ckpt.exists() else "fresh"
 
 
@@ -160,7 +160,7 @@ def build_trainer(cfg: DictConfig, data, device: torch.device, run_dir: Path, lo
     settings = RunSettings.from_cfg(cfg)
     settings.log_interval = C.step_row_interval(cfg)
     return Trainer(model, data, settings, run_dir, logger, choose_precision(cfg.trainer.precision, device),
-                   step_model)
+                   step_model, config_hash=C.config_hash(cfg))
 
 
 def train(cfg: DictConfig) -> dict:
@@ -172,8 +172,9 @@ def train(cfg: DictConfig) -> dict:
     flags = C.flags(cfg)
     with run_lock(run_dir):
         state = _existing_state(run_dir, chash, cfg.overwrite)
-        if state == "completed":
-            log.info("%s: skipped (completed, config hash %s)", cfg.run_name, chash)
+        if state in ("completed", "diverged"):
+            log.info("%s: skipped (%s, config hash %s)%s", cfg.run_name, state, chash,
+                     "; delete its directory to train it again" if state == "diverged" else "")
             return read_json(run_dir / "metrics.json")
         return _run(cfg, run_dir, device, budget, chash, shash, flags, launcher, resume=state == "resume")
 

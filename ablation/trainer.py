@@ -108,8 +108,10 @@ def _set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, data: ImageData, settings: RunSettings, run_dir: Path,
-                 logger, autocast=None, step_model: torch.nn.Module | None = None) -> None:
+                 logger, autocast=None, step_model: torch.nn.Module | None = None,
+                 config_hash: str | None = None) -> None:
         self.model = model
+        self.config_hash = config_hash  # stored in the checkpoint: a resume checks it
         self.step_model = step_model or model  # a torch.compile'd view of `model`, or the model
         self.data = data
         self.s = settings
@@ -137,7 +139,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"config_hash": self.config_hash, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "batches": self.batches.generator.get_state(), "rng": _rng_state(), "epoch": self.epoch,
                 "step": self.step, "train_time": self.train_time, "epoch_rows": self.epoch_rows,
                 "step_rows": self.step_rows, "window": self.window.detach().cpu().clone(), "window_images": self.window_images,

@@ -44,6 +44,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_exactly(env):
     # Every file left behind is whole: the checkpoint loads, the CSV and JSON parse.
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] >= 1
+    assert ckpt["config_hash"] == metrics(run_dir)["config_hash"], "the checkpoint names its config"
     pd.read_csv(run_dir / "history.csv")
 
     resumed = subprocess.run([*args, "study=killed"], env=env, cwd=ROOT, capture_output=True, text=True)
@@ -84,6 +85,12 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(env):
     h = pd.read_csv(study / "none_seed0_job0" / "history.csv")
     assert h[h.kind == "diverged"][["epoch", "step"]].values.tolist() == [[1, 1]]
     assert "diverged" in proc.stdout + proc.stderr
+    # a rerun keeps the diverged run as the result it is, instead of training it again
+    again = train("-m", "trainer.fault=nan_loss,null", "hydra.sweep.subdir=${run_name}_job${hydra.job.num}",
+                  env=env)
+    assert "none_seed0: skipped (diverged" in again.stdout + again.stderr
+    assert "none_seed0: skipped (completed" in again.stdout + again.stderr
+    assert metrics(study / "none_seed0_job0") == bad
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
@@ -240,3 +247,17 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "the temp file is removed"
+
+
+def test_a_checkpoint_alone_names_its_config(tmp_path):
+    """Without a readable metrics.json, the checkpoint's config hash decides: resume or refuse."""
+    from ablation.config import ConfigError
+    from ablation.train import _existing_state
+
+    torch.save({"config_hash": "aaaa", "epoch": 1}, tmp_path / "checkpoint.pt")
+    assert _existing_state(tmp_path, "aaaa", overwrite=False) == "resume"
+    with pytest.raises(ConfigError, match="different config"):
+        _existing_state(tmp_path, "bbbb", overwrite=False)
+    (tmp_path / "metrics.json").write_text("{truncated")
+    with pytest.raises(ConfigError, match="different config"):
+        _existing_state(tmp_path, "bbbb", overwrite=False)
