@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-run: install ## Train regularizer=none,all (STUDY=main, ARGS=extra overrides), then write its report
-	$(PY) -m ablation.train -m regularizer=none,all study=$(STUDY) $(ARGS)
+run: install ## Train regularizer=none,all (STUDY=main, RESULTS=dir, ARGS=extra overrides), then its report
+	$(PY) -m ablation.train -m regularizer=none,all study=$(STUDY) results_dir=$(RESULTS) $(ARGS)
 	$(PY) -m ablation.analysis $(RESULTS)/$(STUDY)
 
 test: install ## Run the test suite
@@ -42,13 +42,13 @@ study-cpu: study-cpu-seeds study-cpu-factorial ## Both parts of the CPU study, t
 
 study-cpu-seeds: install ## Part 1: regularizer=none,all x seeds 0,1,2 at budget=cpu (~45 min on 2 cores)
 	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m regularizer=none,all seed=0,1,2 budget=cpu \
-	  study=cifar10-cpu/none-vs-all
+	  study=cifar10-cpu/none-vs-all results_dir=$(RESULTS)
 	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/none-vs-all
 
 study-cpu-factorial: install ## Part 2: the 32-run factorial, seed 0, width 32, 10k/2k images, 10 epochs
 	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m +sweep=factorial seed=0 budget=cpu \
 	  data.train_size=10000 data.test_size=2000 trainer.epochs=$(FACTORIAL_EPOCHS) study=cifar10-cpu/factorial \
-	  hydra/launcher=joblib hydra.launcher.n_jobs=$(FACTORIAL_JOBS)
+	  results_dir=$(RESULTS) hydra/launcher=joblib hydra.launcher.n_jobs=$(FACTORIAL_JOBS)
 	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/factorial
 
 clean: ## Remove caches (keeps .venv and results)

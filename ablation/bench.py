@@ -607,7 +607,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None,
                    help="training images per repeat (default: 2048 at width 32, 512 at 128; tiny: 256)")
     p.add_argument("--eval-images", type=int, default=None,
-                   help="test images for the eval loop (default: the budget's test_size: cpu 2000, tiny 128)")
+                   help="test images for the eval loop (default: the budget's test_size: cpu all 10000, tiny 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of each loop (default 3; tiny 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds before the repeats (default 1)")
     p.add_argument("--tiny", action="store_true",
