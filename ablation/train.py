@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
-from .data import load_images, subset
+from .data import DataError, load_images, subset
 from .model import build_model
 from .runio import RunLockedError, atomic_torch_save, atomic_write_json, atomic_write_text, read_json, run_lock
 from .trainer import Diverged, RunSettings, Trainer, seed_everything
@@ -193,6 +193,11 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
     # Data first: a bad data root is a user error (one message, exit 2) and leaves no run files behind.
     data = load_images(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
     data = subset(data, cfg.data.train_size, cfg.data.test_size, cfg.data.subset_seed).to(device)
+    height, width = data.train_x.shape[-2:]
+    if height != width or height % 8:
+        raise DataError(f"the images in data.root '{cfg.data.root}' are {height}x{width} pixels; the VAE needs "
+                        f"square images whose side is a multiple of 8 (three stride-2 stages). Resize them, "
+                        f"e.g. to 32x32 as CIFAR-10.")
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     base = {"status": "running", "study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed,
             "config_hash": chash, "settings_hash": shash, "budget": budget, "device": str(device),

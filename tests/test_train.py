@@ -118,6 +118,16 @@ def test_missing_data_root_is_named(env, tmp_path):
     assert not list(Path(env["ABLATION_RESULTS"]).rglob("metrics.json")), "no run files for a bad data root"
 
 
+def test_images_the_model_cannot_take_are_named(env, tmp_path):
+    from ablation.synthetic import make_imagefolder
+
+    data = make_imagefolder(tmp_path / "odd", 8, 4, size=20)
+    proc = train(f"data.root={data}", env=env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "are 20x20 pixels" in proc.stderr and "multiple of 8" in proc.stderr
+    assert not list(Path(env["ABLATION_RESULTS"]).rglob("metrics.json")), "refused before any run started"
+
+
 def test_unknown_option_gets_hydras_message(env):
     proc = train("dropout=maybe", env=env, check=False)
     assert proc.returncode == 1
