@@ -9,9 +9,11 @@ from torch import nn
 
 from ablation.config import flags
 from ablation.data import ImageData, TrainBatches, eval_batches, to_unit_range
+from ablation.evaluate import evaluate
 from ablation.model import VAE, build_model
 from ablation.objective import kl_per_image, vae_loss
 from ablation.trainer import RunSettings, Trainer, make_optimizer
+from ablation.wandb_logger import NullLogger
 
 SEED_PARAMS = 8_537_347  # the seed VAE at width 128, latent 128, 32x32 RGB
 
@@ -81,7 +83,9 @@ def test_batchnorm_switch(compose_cfg):
     m = build_model(compose_cfg("budget=smoke", "batchnorm=on"), 32)
     bns = layers(m, nn.BatchNorm2d)
     assert len(bns) == 6
-    assert not isinstance(m.decoder[-3], nn.BatchNorm2d), "no batch norm on the output layer"
+    out_conv, tanh = m.decoder[-2], m.decoder[-1]
+    assert isinstance(out_conv, nn.Conv2d) and out_conv.out_channels == 3 and isinstance(tanh, nn.Tanh), \
+        "the output layer is a bare conv and Tanh: no batch norm"
     assert [b.num_features for b in bns] == [8, 16, 32, 16, 8, 4]
 
 
@@ -124,9 +128,13 @@ def test_augmentation_changes_training_batches_only(compose_cfg, tmp_path):
         s = RunSettings.from_cfg(cfg)
         assert (s.flip, s.crop_padding) == ((True, 4) if cfg_opt == "on" else (False, 0))
         data = ImageData(x, torch.arange(64) % 4, x[:32], torch.arange(32) % 4, ["a", "b", "c", "d"])
-        trainer = Trainer(build_model(cfg, 32), data, s, tmp_path, logger=None)
+        trainer = Trainer(build_model(cfg, 32), data, s, tmp_path, logger=NullLogger())
         assert (trainer.batches.flip, trainer.batches.padding) == (s.flip, s.crop_padding)
         assert torch.equal(torch.cat(list(eval_batches(data.test_x, 10))), to_unit_range(x[:32]))
+        trainer.s.epochs = 1
+        trainer.fit()
+        plain_eval = evaluate(trainer.model, x[:32], s.beta, s.eval_batch_size)
+        assert trainer.epoch_rows[-1]["test_recon"] == plain_eval["recon"], "the epoch's test recon is unaugmented"
     assert flags(compose_cfg("augmentation=on"))["augmentation"]
 
 
@@ -258,7 +266,7 @@ def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_numbers(ba
         evaluate(model, images, beta=4.0, batch_size=10, folded=True)  # a training-mode model is not a copy
 
 
-def test_final_metrics_reuse_the_last_epoch_evaluation(compose_cfg, tmp_path):
+def test_final_metrics_reuse_the_last_epoch_evaluation(compose_cfg, tmp_path, monkeypatch):
     """final() takes the last epoch's test/trainsub evaluation instead of running it again, with
     the same numbers as a fresh final_metrics(); the latent means are never logged as metrics."""
     from ablation.evaluate import final_metrics
@@ -282,8 +290,15 @@ def test_final_metrics_reuse_the_last_epoch_evaluation(compose_cfg, tmp_path):
     epoch, test, train = trainer._last_eval
     assert epoch == 2 and test["mu"].shape == (48, cfg.model.latent_dim) and "mu" in train
     assert not any(k.endswith("/mu") for k in logger.keys) and "test/recon" in logger.keys
+    import ablation.evaluate as E
+
+    calls = []
+    real_evaluate = E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: calls.append(a[1].shape[0]) or real_evaluate(*a, **k))
     reused = trainer.final()
+    assert calls == [], "final() evaluated again instead of reusing the last epoch's evaluation"
     fresh = final_metrics(trainer.model, data.test_x, data.test_y, trainer.trainsub_x, trainer.trainsub_y,
                           trainer.s.beta, trainer.s.eval_batch_size)
+    assert calls == [48, 48], "a fresh final_metrics() evaluates the test set and the train subset"
     assert reused == fresh
     assert reused["test_recon"] == trainer.epoch_rows[-1]["test_recon"]
