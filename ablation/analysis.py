@@ -515,8 +515,10 @@ def welch_verdict(none: pd.Series, all_: pd.Series, words: tuple[str, str]) -> t
         return math.nan, "no data"
     if min(len(a), len(b)) == 1:
         return math.nan, "single seed, no test"
+    if np.ptp(a) == 0 and np.ptp(b) == 0:  # constant on both sides: a t-test gives p = 0 for any difference
+        return math.nan, "no test (no seed-to-seed variance)"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # zero variance on both sides: p is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical values: scipy warns of precision loss
         p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
     if math.isnan(p):
         return p, "no test (no seed-to-seed variance)"
@@ -634,11 +636,31 @@ def is_full_factorial(runs: pd.DataFrame) -> bool:
     return len(design.drop_duplicates(list(REGULARIZERS))) == 2 ** len(REGULARIZERS)
 
 
+def effects_meaning(runs: pd.DataFrame) -> str:
+    """What a main effect of these runs is, for table and figure captions."""
+    if is_balanced_factorial(runs):
+        return "on − off, averaged over the other factors"
+    return ("on − off in an additive model; the runs are not a balanced factorial, so this is an average over "
+            "the other factors only if the effects add up")
+
+
+def is_balanced_factorial(runs: pd.DataFrame) -> bool:
+    """A full factorial with the same number of included runs in every combination."""
+    return is_full_factorial(runs) and _design(runs).groupby(list(REGULARIZERS)).size().nunique() == 1
+
+
 def _fit_effects(design: pd.DataFrame, metric: str, factors: list[str], formula_rhs: str) -> list[dict]:
-    """OLS of `metric` on the formula; one row per non-intercept term (CIs NaN when residual df is 0)."""
+    """OLS of `metric` on the formula; one row per non-intercept term (CIs NaN when residual df is 0).
+
+    The factors are coded -1/+1 and each term's coefficient (and CI) is scaled by 2^k for its k
+    factors, so the rows are effects: a factor's row is its on - off difference at the average
+    of the other terms (averaged over the other factors in a balanced factorial, also in a model
+    with interactions), and an A:B row is how much A's effect changes when B is switched on.
+    """
     import statsmodels.formula.api as smf
 
     data = design[[*factors, metric]].apply(pd.to_numeric, errors="coerce").dropna()
+    data[factors] = 2 * data[factors] - 1
     if data[metric].nunique() < 2:
         return []  # no data, or a constant metric: every effect is 0
     model = smf.ols(f"{metric} ~ {formula_rhs}", data=data)
@@ -651,16 +673,21 @@ def _fit_effects(design: pd.DataFrame, metric: str, factors: list[str], formula_
     rows = []
     for term in fit.params.index.drop("Intercept"):
         has_df = fit.df_resid >= 1
-        rows.append({"metric": metric, "term": term, "estimate": float(fit.params[term]),
-                     "ci_low": float(ci.loc[term, 0]) if has_df else math.nan,
-                     "ci_high": float(ci.loc[term, 1]) if has_df else math.nan,
+        scale = 2.0 ** (term.count(":") + 1)
+        rows.append({"metric": metric, "term": term, "estimate": scale * float(fit.params[term]),
+                     "ci_low": scale * float(ci.loc[term, 0]) if has_df else math.nan,
+                     "ci_high": scale * float(ci.loc[term, 1]) if has_df else math.nan,
                      "p_value": float(fit.pvalues[term]) if has_df else math.nan,
                      "n": int(fit.nobs), "df_resid": int(round(fit.df_resid))})
     return rows
 
 
 def main_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = EFFECT_METRICS) -> pd.DataFrame:
-    """Main effect of each regularizer on each metric: OLS of the metric on the five 0/1 factors.
+    """Main effect of each regularizer on each metric: OLS of the metric on the five factors (additive).
+
+    In a balanced factorial an effect is the on - off difference averaged over the other
+    factors; in another design (e.g. the leave-one-out presets) it is the additive model's
+    on - off difference, which equals that average only if the effects add up.
 
     Raises NotEstimable when the combinations present confound the factors (e.g. only none and
     all, which differ in all five at once). Factors constant over the runs are left out.

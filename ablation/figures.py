@@ -23,7 +23,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .analysis import METRICS, REGULARIZERS, SHORT, cell_mask, normalize  # noqa: E402
+from .analysis import METRICS, REGULARIZERS, SHORT, cell_mask, effects_meaning, normalize  # noqa: E402
 from .runio import atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,9 @@ def gen_gap_figure(history: pd.DataFrame, path: Path) -> Path | None:
     return save(fig, path)
 
 
-def effects_figure(effects: pd.DataFrame, path: Path) -> Path | None:
-    """One panel per metric: each regularizer's main effect as a bar with its 95% CI."""
+def effects_figure(effects: pd.DataFrame, path: Path, meaning: str = "on − off") -> Path | None:
+    """One panel per metric: each regularizer's main effect as a bar with its 95% CI; `meaning` says what an
+    effect is (analysis.effects_meaning)."""
     if effects is None or effects.empty:
         return None
     metrics = list(dict.fromkeys(effects["metric"]))
@@ -107,7 +108,7 @@ def effects_figure(effects: pd.DataFrame, path: Path) -> Path | None:
         ax.set(xlabel=f"effect on {_axis_label(metric)}", title=METRICS[metric].label)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
-    fig.suptitle("main effects (on − off, averaged over the other factors), 95% CI")
+    fig.suptitle(f"main effects ({meaning}), 95% CI", wrap=True)
     fig.tight_layout()
     return save(fig, path)
 
@@ -181,7 +182,8 @@ def group_figures(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame, ef
     made = [
         ("Per-epoch reconstruction and KL, none vs all", curves_figure(included, out / f"{prefix}curves.png")),
         ("Generalization gap over epochs", gen_gap_figure(included, out / f"{prefix}gen_gap.png")),
-        ("Main effects with 95% CIs", effects_figure(effects, out / f"{prefix}main_effects.png")),
+        ("Main effects with 95% CIs", effects_figure(effects, out / f"{prefix}main_effects.png",
+                                                                  effects_meaning(runs))),
         ("Mean test recon per regularizer combination", heatmap_figure(runs, out / f"{prefix}heatmap_test_recon.png")),
         ("Final reconstructions (top row: test images, bottom row: reconstructions)",
          images_figure(study_dir, runs, "recon_final.png", "final reconstructions", out / f"{prefix}recon_grids.png")),

@@ -20,8 +20,8 @@ import markdown as md_lib
 import pandas as pd
 
 from .analysis import (ALL_ON, METRICS, REGULARIZERS, SHORT, STATISTICS, NotEstimable, cell_summary,
-                       comparison_table, has_comparison, interaction_effects, main_effects, normalize,
-                       setting_groups)
+                       comparison_table, effects_meaning, has_comparison, interaction_effects, main_effects,
+                       normalize, setting_groups)
 from .runio import atomic_write_text
 
 STATUS_NOTES = {
@@ -62,10 +62,13 @@ def num(x, digits: int = 4, sign: bool = False) -> str:
 
 
 def pvalue(p) -> str:
-    """A p-value to 3 decimals, or in scientific notation below 0.001; '—' when no test was run."""
+    """A p-value to 3 decimals (4 where 3 would round it across 0.05), in scientific notation below
+    0.001; '—' when no test was run."""
     if p is None or not math.isfinite(float(p)):
         return "—"
-    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
+    if p < 0.001:
+        return f"{p:.1e}"
+    return f"{p:.4f}" if (p < 0.05) != (round(p, 3) < 0.05) else f"{p:.3f}"
 
 
 def _text(value) -> str:
@@ -107,7 +110,7 @@ def comparison_display(table: pd.DataFrame) -> pd.DataFrame:
         "none": [_cell(r.none_mean, r.none_ci, r.none_n, r.kind) for r in table.itertuples()],
         "all": [_cell(r.all_mean, r.all_ci, r.all_n, r.kind) for r in table.itertuples()],
         "Δ (all − none)": [_delta(r) for r in table.itertuples()],
-        "p (Welch)": table["p_value"].map(pvalue), "Verdict": table["verdict"],
+        "p": table["p_value"].map(pvalue), "Verdict": table["verdict"],
         "Note": table["note"].map(lambda v: v if isinstance(v, str) else ""),
     })
 
@@ -224,7 +227,10 @@ def _comparison_section(runs: pd.DataFrame, key: str, tables: dict) -> list[str]
     return lines + [
         f"`none` = all five regularizers off; `all` = `{ALL_ON}` (all five on). Cells: mean ± 95% CI half-width "
         "over seeds (n runs). Verdicts describe `all` relative to `none`: the seed report's word when a two-sided "
-        "Welch t-test gives p < 0.05 in its direction, its opposite when p < 0.05 the other way.", "",
+        "Welch t-test gives p < 0.05 in its direction, its opposite when p < 0.05 the other way (p: Welch's "
+        "t-test; for diverged runs, Fisher's exact test). Each row is tested on its own at 5%, with no "
+        "correction for the number of rows: about 1 in 20 rows without a real difference is expected to show one.",
+        "",
         render_comparison_markdown(table), "", TOTAL_LOSS_NOTE, ""]
 
 
@@ -235,14 +241,17 @@ def _effects_section(runs: pd.DataFrame, key: str, tables: dict) -> tuple[list[s
     except NotEstimable as exc:
         return lines + [f"Main effects not estimable: {exc}.", ""], None
     tables[f"main_effects/{key}"] = effects
-    lines += ["Main effect of each regularizer (on − off, averaged over the other factors) with its 95% CI.", "",
+    lines += [f"Main effect of each regularizer ({effects_meaning(runs)}) with its 95% CI. Each CI stands on its "
+              "own, with no correction for the number of cells: about 1 in 20 null effects is expected in bold.", "",
               render_effects_markdown(effects), ""]
     try:
         interactions = interaction_effects(runs)
     except NotEstimable as exc:
         return lines + [f"Two-way interactions not estimated: {exc}.", ""], effects
     tables[f"interactions/{key}"] = interactions
-    lines += ["Two-way interactions (OLS with every main effect and every pairwise product), 95% CI.", "",
+    lines += ["Two-way interactions: OLS with every main effect and every pairwise product, factors coded −1/+1, "
+              "95% CI. A regularizer's column is its main effect in this model (on − off, averaged over the "
+              "other factors); a column A:B is how much A's effect changes when B is switched on.", "",
               render_effects_markdown(interactions), ""]
     return lines, effects
 

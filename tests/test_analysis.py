@@ -252,6 +252,48 @@ def test_interactions_of_an_additive_factorial_are_zero(factorial):
     assert set(inter["df_resid"]) == {64 - 16}
 
 
+def test_effects_with_an_interaction_are_averaged_main_effects_and_a_difference_of_differences(tmp_path):
+    """test_recon = 100 + 10 bn - 20 bn*beta: batch norm helps (+10) with beta off and hurts (-10)
+    with it on. Averaged over the others, batch norm's effect is 0 and beta's -10, in both tables;
+    batchnorm:beta is how much batch norm's effect changes when beta is on: -20."""
+    study = tmp_path / "inter"
+    for bits in itertools.product((False, True), repeat=5):
+        flags = dict(zip(REGULARIZERS, bits))
+        for seed in (0, 1):
+            recon = 100.0 + 10 * flags["batchnorm"] - 20 * flags["batchnorm"] * flags["beta"] + SEED_OFFSET[seed]
+            write_run(study, flags, seed, {"test_recon": recon})
+    runs, history = A.collect_study(study)
+    assert A.is_balanced_factorial(runs)
+    main = A.main_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
+    inter = A.interaction_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
+    expected = {"weight_decay": 0.0, "dropout": 0.0, "batchnorm": 0.0, "beta": -10.0, "augmentation": 0.0}
+    for r, effect in expected.items():
+        assert main[r] == pytest.approx(effect, abs=1e-9), r
+        assert inter[r] == pytest.approx(effect, abs=1e-9), f"{r}: the interaction table's main effect"
+    assert inter["batchnorm:beta"] == pytest.approx(-20.0, abs=1e-9)
+    others = inter.drop([*REGULARIZERS, "batchnorm:beta"])
+    assert np.allclose(others, 0, atol=1e-9)
+    R.write_report(study, runs, history)
+    text = (study / "report.md").read_text()
+    assert "(on − off, averaged over the other factors)" in text
+    assert "how much A's effect changes when B is switched on" in text
+
+
+def test_effects_of_an_unbalanced_design_are_called_additive(tmp_path):
+    study = tmp_path / "loo"
+    write_run(study, dict.fromkeys(REGULARIZERS, True), 0, {"test_recon": 100.0})
+    for i, r in enumerate(REGULARIZERS):  # all, and all but one: the without_<x> presets
+        write_run(study, dict.fromkeys(REGULARIZERS, True) | {r: False}, 0, {"test_recon": 90.0 + i})
+    write_run(study, NONE, 0, {"test_recon": 80.0})
+    runs, history = A.collect_study(study)
+    assert not A.is_balanced_factorial(runs)
+    assert "additive model" in A.effects_meaning(runs)
+    A.main_effects(runs)  # estimable: 7 runs, 6 parameters
+    R.write_report(study, runs, history)
+    text = (study / "report.md").read_text()
+    assert "additive model" in text and "averaged over the other factors)" not in text
+
+
 def test_zero_residual_df_is_reported_not_crashed(tmp_path):
     study = tmp_path / "oat"
     write_run(study, NONE, 0, {"test_recon": 100.0})
@@ -513,3 +555,18 @@ def test_loss_volatility_leaves_out_rows_over_fewer_steps():
     expected = float(np.std(np.diff(np.log(second)), ddof=1))
     assert A.loss_volatility(steps, 100.0, ends) == pytest.approx(expected, rel=1e-12)
     assert A.loss_volatility(steps.assign(window_steps=10), 100.0, ends) != pytest.approx(expected, rel=1e-6)
+
+
+def test_welch_makes_no_test_when_neither_side_varies():
+    words = ("Lower", "Higher")
+    assert A.welch_verdict(pd.Series([20.0] * 3), pd.Series([19.0] * 3), words)[1] == \
+        "no test (no seed-to-seed variance)", "a t-test would call any difference of two constants significant"
+    p, verdict = A.welch_verdict(pd.Series([20.0, 20.5, 19.5]), pd.Series([10.0, 10.5, 9.5]), words)
+    assert verdict == "Lower" and p == pytest.approx(stats.ttest_ind([10, 10.5, 9.5], [20, 20.5, 19.5],
+                                                                     equal_var=False).pvalue)
+
+
+def test_p_values_never_round_across_the_threshold():
+    assert R.pvalue(0.0496) == "0.0496" and R.pvalue(0.0504) == "0.050", "0.050 only for p >= 0.05"
+    assert R.pvalue(0.123) == "0.123" and R.pvalue(0.05) == "0.050" and R.pvalue(0.0004) == "4.0e-04"
+    assert R.pvalue(float("nan")) == "—"
