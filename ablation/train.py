@@ -208,12 +208,13 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
     tags = [r for r, on in flags.items() if on] or ["none"]
     # The resolved config, plus the five switches as top-level booleans to group and filter by in W&B.
     wb_config = OmegaConf.to_container(cfg, resolve=True) | {f"reg_{k}": v for k, v in flags.items()}
-    logger = wandb_logger.start(cfg.logger, run_dir=run_dir, name=cfg.run_name, group=cfg.study,
-                                job_type="train", tags=tags + list(cfg.logger.tags), config=wb_config,
-                                run_id=f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{chash[:8]}")
     exit_code = 1
     trainer = None
+    logger = wandb_logger.NullLogger()  # until W&B has started: a failure to start it fails the run
     try:
+        logger = wandb_logger.start(cfg.logger, run_dir=run_dir, name=cfg.run_name, group=cfg.study,
+                                    job_type="train", tags=tags + list(cfg.logger.tags), config=wb_config,
+                                    run_id=f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{chash[:8]}")
         trainer = build_trainer(cfg, data, device, run_dir, logger)
         model = trainer.model
         if resume:

@@ -4,8 +4,9 @@ Mode rules (`logger.mode`), shared by training runs and `make report`:
   * the WANDB_MODE environment variable, when set, wins;
   * `auto` goes online when credentials exist (WANDB_API_KEY or a netrc entry for the W&B
     host) and offline otherwise, and says so in the log, with the `wandb sync` command;
-  * `online` init is bounded by `logger.init_timeout`; if it fails, the run falls back to
-    offline with a warning and goes on;
+  * `online` without credentials logs offline instead of prompting for a login; with them, init
+    is bounded by `logger.init_timeout`, and if it fails the run falls back to offline with a
+    warning and goes on;
   * `disabled` writes nothing.
 The local files in the run directory never depend on W&B.
 """
@@ -33,14 +34,22 @@ def has_credentials() -> bool:
         return False
 
 
+NO_LOGIN = "logging offline instead of prompting for a login"
+
+
 def resolve_mode(requested: str) -> tuple[str, str]:
     """The W&B mode to use and why: (online|offline|disabled, reason)."""
     env = os.environ.get("WANDB_MODE")
     if env:
-        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
-        return mode, f"WANDB_MODE={env} is set"
-    if requested != "auto":
-        return requested, f"logger.mode={requested}"
+        mode, reason = {"dryrun": "offline", "run": "online"}.get(env, env), f"WANDB_MODE={env} is set"
+    elif requested != "auto":
+        mode, reason = requested, f"logger.mode={requested}"
+    else:
+        mode = None
+    if mode == "online" and not has_credentials():  # wandb would ask for a login on a terminal
+        return "offline", f"{reason} but no W&B credentials (WANDB_API_KEY or `wandb login`) were found; {NO_LOGIN}"
+    if mode is not None:
+        return mode, reason
     if has_credentials():
         return "online", "logger.mode=auto and W&B credentials are configured"
     return "offline", "logger.mode=auto and no W&B credentials (WANDB_API_KEY or netrc login) were found"
@@ -138,5 +147,6 @@ def start(cfg_logger, *, run_dir: Path, name: str, group: str, job_type: str, ta
             reason = "online init failed"
     run = init("offline")
     offline_dir = Path(run.dir).parent
-    log.info("W&B offline (%s). Upload later with: wandb sync %s", reason, offline_dir)
+    say = log.warning if reason.endswith(NO_LOGIN) else log.info  # online was asked for
+    say("W&B offline (%s). Upload later with: wandb sync %s", reason, offline_dir)
     return WandbLogger(run)

@@ -264,10 +264,12 @@ def test_disabled_writes_nothing_and_same_local_outputs(tmp_path, wb_env, study,
 
 # ---------------------------------------------------------------------------------- auto mode
 
-def test_auto_without_credentials_goes_offline(tmp_path, wb_env):
+@pytest.mark.parametrize("mode", ["auto", "online"])
+def test_without_credentials_a_run_goes_offline(tmp_path, wb_env, mode):
+    """auto and online alike: no key means an offline run, never a login prompt."""
     assert "WANDB_MODE" not in wb_env and "WANDB_API_KEY" not in wb_env
     results = tmp_path / "results"
-    proc = train(results, "regularizer=none", "logger.mode=auto", env=wb_env)
+    proc = train(results, "regularizer=none", f"logger.mode={mode}", env=wb_env)
     run_dir = results / STUDY / RUNS["none"]
     rec = one_offline_run(run_dir)
     assert rec.exit_code == 0 and rec.name == RUNS["none"]
@@ -289,7 +291,9 @@ def clean_env(monkeypatch, tmp_path):
 @pytest.mark.parametrize("env,requested,mode", [
     ({"WANDB_MODE": "offline"}, "online", "offline"),  # WANDB_MODE wins
     ({"WANDB_MODE": "disabled", "WANDB_API_KEY": "k" * 40}, "auto", "disabled"),
-    ({"WANDB_MODE": "online"}, "disabled", "online"),
+    ({"WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40}, "disabled", "online"),
+    ({"WANDB_MODE": "online"}, "auto", "offline"),  # no credentials: never a login prompt
+    ({}, "online", "offline"),
     ({"WANDB_MODE": "dryrun"}, "auto", "offline"),  # wandb's legacy names
     ({"WANDB_API_KEY": "k" * 40}, "auto", "online"),
     ({}, "auto", "offline"),
@@ -303,8 +307,9 @@ def test_resolve_mode(clean_env, env, requested, mode):
     assert got == mode
     if "WANDB_MODE" in env:
         assert "WANDB_MODE" in reason
-    elif requested == "auto" and mode == "offline":
-        assert "no W&B credentials" in reason
+    asked_online = env.get("WANDB_MODE") == "online" or ("WANDB_MODE" not in env and requested in ("online", "auto"))
+    if asked_online and "WANDB_API_KEY" not in env:
+        assert mode == "offline" and "no W&B credentials" in reason
 
 
 def test_resolve_mode_auto_with_netrc_login(clean_env, tmp_path):
@@ -326,6 +331,18 @@ def test_raising_run_is_recorded_as_failed(tmp_path, wb_env):
     assert rec.exit_code is not None and rec.exit_code != 0
     assert rec.summary["status"] == "failed" and rec.summary["error"] == metrics["error"]
     assert rec.history == []  # the fault fires in the first step, before anything is logged
+
+
+def test_a_run_whose_wandb_cannot_start_is_recorded_as_failed(tmp_path, wb_env):
+    """W&B cannot create its folder (a file stands in the way): the run ends 'failed', not 'running'."""
+    results = tmp_path / "results"
+    run_dir = results / "nowandb" / RUNS["none"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "wandb").write_text("not a folder")
+    proc = train(results, "study=nowandb", env=wb_env, check=False, WANDB_MODE="offline")
+    assert proc.returncode != 0
+    metrics = metrics_of(run_dir)
+    assert metrics["status"] == "failed" and metrics["error"], metrics
 
 
 def test_diverged_run_is_recorded_as_diverged(tmp_path, wb_env):
