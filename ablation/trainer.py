@@ -67,7 +67,7 @@ class RunSettings:
             epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
             eval_batch_size=cfg.trainer.eval_batch_size, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             weight_decay=cfg.weight_decay.value if cfg.weight_decay.enabled else 0.0,
-            beta=cfg.beta.value, flip=bool(aug.enabled and aug.flip),
+            beta=cfg.beta.value if cfg.beta.enabled else 1.0, flip=bool(aug.enabled and aug.flip),
             crop_padding=int(aug.crop_padding) if aug.enabled else 0, seed=cfg.seed,
             subset_seed=cfg.data.subset_seed, log_interval=cfg.trainer.log_interval,
             image_interval=cfg.trainer.image_interval,

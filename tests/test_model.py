@@ -109,6 +109,9 @@ def test_beta_scales_the_kl_term(compose_cfg):
     assert torch.allclose(one.recon, ((x_hat - x) ** 2).sum(dim=(1, 2, 3)).mean())
     assert RunSettings.from_cfg(compose_cfg("budget=smoke", "beta=on")).beta == 4.0
     assert RunSettings.from_cfg(compose_cfg("budget=smoke", "beta=off")).beta == 1.0
+    # like dropout.p with dropout off, a KL weight set while beta is off does not apply
+    assert RunSettings.from_cfg(compose_cfg("budget=smoke", "beta=off", "beta.value=2")).beta == 1.0
+    assert RunSettings.from_cfg(compose_cfg("budget=smoke", "beta=on", "beta.value=2")).beta == 2.0
 
 
 def _images(n=64, seed=0):
