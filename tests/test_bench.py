@@ -90,6 +90,9 @@ def test_tiny_bench_measures_peak_rss(tmp_path):
     assert rss["budget"] == "smoke"
     assert rss["peak_rss_kib"] > 0 and rss["peak_rss_gib"] > 0
     assert "peak RSS" in (tmp_path / "bench.md").read_text()
+    # a first run: its own empty data cache (the bench's own cache is warm), so decoding is counted
+    caches = [a for a in rss["command"].split() if a.startswith("data.cache_dir=")]
+    assert len(caches) == 1 and "bench-rss-" in caches[0], rss["command"]
 
 
 def test_cli_defaults():
