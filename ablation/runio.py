@@ -1,4 +1,4 @@
-"""Run-directory I/O: atomic writes and the lock that keeps two jobs out of one directory.
+"""Run-directory I/O: atomic writes, the lock that keeps two jobs out of one directory, and GPU slots.
 
 Every file a run writes goes through `atomic_write`: a temp file in the same directory,
 flushed and fsynced, then renamed over the target. A kill at any moment leaves either the
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
@@ -227,3 +228,28 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             if lock.read_text().strip() == me:
                 lock.unlink()
+
+
+@contextlib.contextmanager
+def device_slot(count: int, first: int, lock_dir: str | os.PathLike | None = None) -> Iterator[int | None]:
+    """Hold one of `count` device slots (GPUs) of this machine while a run uses it.
+
+    The slot is the first free one from `first` on, in order; each is an flock on a file in the
+    temp directory, which the kernel releases when the process ends, however it ends. Yields None
+    when every slot is held (more parallel jobs than devices): the caller then shares `first`.
+    """
+    where = Path(lock_dir or tempfile.gettempdir())
+    for i in range(count):
+        k = (first + i) % count
+        f = open(where / f"ablation-{os.getuid()}-device{k}.lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        try:
+            yield k
+        finally:
+            f.close()  # closing the file drops its flock
+        return
+    yield None

@@ -14,6 +14,7 @@ interrupted ones from their last epoch checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as C
 from .data import DataError, load_images, subset
 from .model import build_model
-from .runio import RunLockedError, atomic_torch_save, atomic_write_json, atomic_write_text, read_json, run_lock
+from .runio import (RunLockedError, atomic_torch_save, atomic_write_json, atomic_write_text, device_slot, read_json,
+                    run_lock)
 from .trainer import Diverged, RunSettings, Trainer, seed_everything
 
 log = logging.getLogger("ablation.train")
@@ -49,7 +51,7 @@ def _hydra_job() -> tuple[Path | None, int, DictConfig | None]:
 
 
 def choose_device(requested: str, job_num: int) -> torch.device:
-    """auto: CUDA when available (job k of a parallel sweep on GPU k mod n), else CPU."""
+    """auto: CUDA when available (job k of a parallel sweep prefers GPU k mod n; see gpu_slot), else CPU."""
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", job_num % torch.cuda.device_count())
@@ -176,7 +178,24 @@ def train(cfg: DictConfig) -> dict:
             log.info("%s: skipped (%s, config hash %s)%s", cfg.run_name, state, chash,
                      "; delete its directory to train it again" if state == "diverged" else "")
             return read_json(run_dir / "metrics.json")
-        return _run(cfg, run_dir, device, budget, chash, shash, flags, launcher, resume=state == "resume")
+        with gpu_slot(cfg.trainer.device, device) as device:
+            return _run(cfg, run_dir, device, budget, chash, shash, flags, launcher, resume=state == "resume")
+
+
+@contextlib.contextmanager
+def gpu_slot(requested: str, device: torch.device):
+    """With trainer.device=auto and several GPUs, the GPU this run holds while it trains.
+
+    Parallel jobs (joblib) start as others finish, so job k's GPU k mod n may still be busy
+    with an earlier job; the run takes the first free GPU from there instead (device_slot).
+    """
+    if requested != "auto" or device.type != "cuda" or torch.cuda.device_count() < 2:
+        yield device
+        return
+    with device_slot(torch.cuda.device_count(), device.index or 0) as k:
+        if k is None:
+            log.warning("every GPU is busy with another run of this machine; sharing cuda:%d", device.index)
+        yield device if k is None else torch.device("cuda", k)
 
 
 def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags: dict, launcher,

@@ -261,3 +261,32 @@ def test_a_checkpoint_alone_names_its_config(tmp_path):
     (tmp_path / "metrics.json").write_text("{truncated")
     with pytest.raises(ConfigError, match="different config"):
         _existing_state(tmp_path, "bbbb", overwrite=False)
+
+
+def test_parallel_runs_take_different_gpus_while_one_is_free(tmp_path):
+    """Three GPUs: jobs ask for job_num % 3, but a busy GPU is skipped for the next free one."""
+    import contextlib
+
+    from ablation.runio import device_slot
+
+    with contextlib.ExitStack() as held:
+        got = [held.enter_context(device_slot(3, first, tmp_path)) for first in (1, 1, 1)]
+        assert got == [1, 2, 0], "each job a GPU of its own"
+        with device_slot(3, 1, tmp_path) as extra:
+            assert extra is None, "all three busy: the caller shares its own"
+    with device_slot(3, 1, tmp_path) as again:
+        assert again == 1, "released when the runs end"
+    # a slot held by another process is busy too, until that process is gone
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ablation.runio import device_slot\n"
+                               f"with device_slot(3, 2, {str(tmp_path)!r}) as k:\n"
+                               "    print(k, flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "2"
+        with device_slot(3, 2, tmp_path) as k:
+            assert k == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    with device_slot(3, 2, tmp_path) as k:
+        assert k == 2, "a killed holder's slot is free"
