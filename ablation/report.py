@@ -94,7 +94,22 @@ def _cell(mean, ci, n, kind: str) -> str:
         return "n/a (n=0)"
     if n == 1:
         return f"{num(mean)} (n=1)"
-    return f"{num(mean)} ± {num(ci, 2)} (n={n})"
+    return f"{_mean_to(mean, ci)} ± {num(ci, 2)} (n={n})"
+
+
+def _mean_to(mean, ci) -> str:
+    """The mean to 4 significant digits, or to the last decimal of its CI half-width (2 digits) when
+    that is finer: 1871.23 ± 0.33, not 1871 ± 0.33."""
+    text = num(mean)
+    try:
+        mean, ci = float(mean), float(ci)
+    except (TypeError, ValueError):
+        return text
+    if not (math.isfinite(mean) and math.isfinite(ci)) or ci <= 0 or mean == 0 or not abs(mean) < 1e6:
+        return text
+    ci_decimals = max(0, 1 - math.floor(math.log10(ci)))
+    mean_decimals = max(0, 3 - math.floor(math.log10(abs(mean))))
+    return f"{mean:.{ci_decimals}f}" if ci_decimals > mean_decimals else text
 
 
 def _delta(row) -> str:

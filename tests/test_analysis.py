@@ -570,3 +570,10 @@ def test_p_values_never_round_across_the_threshold():
     assert R.pvalue(0.0496) == "0.0496" and R.pvalue(0.0504) == "0.050", "0.050 only for p >= 0.05"
     assert R.pvalue(0.123) == "0.123" and R.pvalue(0.05) == "0.050" and R.pvalue(0.0004) == "4.0e-04"
     assert R.pvalue(float("nan")) == "—"
+
+
+def test_a_mean_is_shown_as_finely_as_its_ci():
+    assert R._cell(1871.234, 0.33, 3, "mean") == "1871.23 ± 0.33 (n=3)", "not 1871 ± 0.33"
+    assert R._cell(7.873123, 0.00015, 3, "mean") == "7.87312 ± 0.00015 (n=3)"
+    assert R._cell(80.3712, 1.5, 3, "mean") == "80.37 ± 1.5 (n=3)", "4 significant digits at least"
+    assert R._cell(128.0, 0.0, 3, "mean") == "128.0 ± 0 (n=3)"
