@@ -30,24 +30,10 @@ class RunLockedError(RuntimeError):
 LOCK_GRACE_S = 60.0
 
 
-def _read_umask() -> int:
-    """The process umask, read once at import (see _UMASK)."""
-    try:  # Linux >= 4.7 reports it without touching it
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    # os.umask can only be read by setting it. Doing that on every write would briefly leave
-    # the umask at the dummy value while other threads create files, so it is done once here.
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-# The umask at import time: temp files are given the mode a plain open() would have given them.
-_UMASK = _read_umask()
+# The umask, read once at import: os.umask can only be read by setting it, and doing that on
+# every write would briefly leave it at the dummy value while other threads create files.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,29 +45,33 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _synced_temp(directory: Path, name: str, write: Callable[[IO[bytes]], None], mode: int) -> Iterator[str]:
+    """A temp file beside `name` in `directory`, written through `write(file)`, fsynced, with `mode`
+    less the umask; removed on exit unless the caller has renamed it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:  # f owns fd and closes it on every path
+            os.fchmod(f.fileno(), mode & ~_UMASK)  # not mkstemp's 0600, which would hide it from a shared group
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through `write(file)` to a temp file, fsync it, and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from a shared group
-        except BaseException:
-            os.close(fd)
-            raise
-        with os.fdopen(fd, "wb") as f:  # f owns fd from here on and closes it on every path
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):  # a full disk or a read-only folder: name the file
-            raise OSError(exc.errno, f"{exc.strerror or exc}: could not write {path} "
-                                     f"(check free space and permissions there)") from exc
-        raise
+        with _synced_temp(path.parent, path.name, write, 0o666) as tmp:
+            os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a read-only folder: name the file
+        raise OSError(exc.errno, f"{exc.strerror or exc}: could not write {path} "
+                                 f"(check free space and permissions there)") from exc
     _fsync_dir(path.parent)
 
 
@@ -131,17 +121,7 @@ def _create_lock(lock: Path, content: str) -> bool:
     The content goes to a temp file first, which is then hard-linked to the lock's name, so
     no other process can ever see the lock without its holder line.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", suffix=".tmp", dir=lock.parent)
-    try:
-        try:
-            os.fchmod(fd, 0o644 & ~_UMASK)  # readable by the other jobs of a shared group
-        except BaseException:
-            os.close(fd)
-            raise
-        with os.fdopen(fd, "w") as f:  # f owns fd from here on and closes it on every path
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+    with _synced_temp(lock.parent, lock.name, lambda f: f.write(content.encode()), 0o644) as tmp:
         try:
             os.link(tmp, lock)
         except FileExistsError:
@@ -158,9 +138,6 @@ def _create_lock(lock: Path, content: str) -> bool:
             with os.fdopen(fd, "w") as f:
                 f.write(content)
         return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _read_lock(lock: Path) -> tuple[str, float] | None:
