@@ -281,10 +281,10 @@ def window_steps(steps: pd.DataFrame, epoch_ends: pd.Series) -> pd.Series:
     """
     steps = steps.sort_values("step")
     recorded = steps["window_steps"] if "window_steps" in steps else pd.Series(np.nan, index=steps.index)
-    ends = np.sort(epoch_ends.dropna().to_numpy(float))
+    ends = np.concatenate([[0.0], np.sort(epoch_ends.dropna().to_numpy(float))])
     at = steps["step"].to_numpy(float)
     previous_row = np.concatenate([[0.0], at[:-1]])
-    previous_end = np.array([ends[ends < s].max() if (ends < s).any() else 0.0 for s in at])
+    previous_end = ends[np.searchsorted(ends, at, side="left") - 1]  # the last epoch end before each row
     inferred = pd.Series(at - np.maximum(previous_row, previous_end), index=steps.index)
     return recorded.fillna(inferred)
 

@@ -46,8 +46,9 @@ class ReportResult:
 # ---------------------------------------------------------------------------------------- formatting
 
 
-def num(x, digits: int = 4, sign: bool = False) -> str:
-    """`digits` significant digits, without an exponent for 0.001 <= |x| < 1e6; 'n/a' when missing."""
+def num(x, digits: int = 4, sign: bool = False, min_decimals: int = 0) -> str:
+    """`digits` significant digits (at least `min_decimals` decimals), without an exponent for
+    0.001 <= |x| < 1e6; 'n/a' when missing."""
     try:
         x = float(x)
     except (TypeError, ValueError):
@@ -57,7 +58,7 @@ def num(x, digits: int = 4, sign: bool = False) -> str:
     plus = "+" if sign else ""
     if x == 0 or not 1e-3 <= abs(x) < 1e6:
         return f"{x:{plus}.{digits}g}"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    decimals = max(0, min_decimals, digits - 1 - math.floor(math.log10(abs(x))))
     return f"{x:{plus}.{decimals}f}"
 
 
@@ -100,16 +101,13 @@ def _cell(mean, ci, n, kind: str) -> str:
 def _mean_to(mean, ci) -> str:
     """The mean to 4 significant digits, or to the last decimal of its CI half-width (2 digits) when
     that is finer: 1871.23 ± 0.33, not 1871 ± 0.33."""
-    text = num(mean)
     try:
-        mean, ci = float(mean), float(ci)
+        ci = float(ci)
     except (TypeError, ValueError):
-        return text
-    if not (math.isfinite(mean) and math.isfinite(ci)) or ci <= 0 or mean == 0 or not abs(mean) < 1e6:
-        return text
-    ci_decimals = max(0, 1 - math.floor(math.log10(ci)))
-    mean_decimals = max(0, 3 - math.floor(math.log10(abs(mean))))
-    return f"{mean:.{ci_decimals}f}" if ci_decimals > mean_decimals else text
+        return num(mean)
+    if not math.isfinite(ci) or ci <= 0:
+        return num(mean)
+    return num(mean, min_decimals=1 - math.floor(math.log10(ci)))
 
 
 def _delta(row) -> str:
