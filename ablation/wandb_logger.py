@@ -147,6 +147,7 @@ def start(cfg_logger, *, run_dir: Path, name: str, group: str, job_type: str, ta
             reason = "online init failed"
     run = init("offline")
     offline_dir = Path(run.dir).parent
-    say = log.warning if reason.endswith(NO_LOGIN) else log.info  # online was asked for
+    asked = os.environ.get("WANDB_MODE") or cfg_logger.mode
+    say = log.warning if asked in ("online", "run") else log.info  # online was asked for and not had
     say("W&B offline (%s). Upload later with: wandb sync %s", reason, offline_dir)
     return WandbLogger(run)
