@@ -139,10 +139,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        return {"config_hash": self.config_hash, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "batches": self.batches.generator.get_state(), "rng": _rng_state(), "epoch": self.epoch,
-                "step": self.step, "train_time": self.train_time, "epoch_rows": self.epoch_rows,
-                "step_rows": self.step_rows, "window": self.window.detach().cpu().clone(), "window_images": self.window_images,
+        return {"config_hash": self.config_hash, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "batches": self.batches.generator.get_state(),
+                "rng": _rng_state(), "epoch": self.epoch, "step": self.step, "train_time": self.train_time,
+                "epoch_rows": self.epoch_rows, "step_rows": self.step_rows,
+                "window": self.window.detach().cpu().clone(), "window_images": self.window_images,
                 "window_steps": self.window_steps}
 
     def load_state_dict(self, state: dict) -> None:
