@@ -115,70 +115,104 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _create_lock(lock: Path, content: str) -> bool:
-    """Create `lock` holding `content`, atomically; False if it already exists.
-
-    The content goes to a temp file first, which is then hard-linked to the lock's name, so
-    no other process can ever see the lock without its holder line.
-    """
-    with _synced_temp(lock.parent, lock.name, lambda f: f.write(content.encode()), 0o644) as tmp:
-        try:
-            os.link(tmp, lock)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # A filesystem without hard links: create it with O_EXCL and write it after. A
-            # reader that comes in between sees an empty lock, which it takes to be held.
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as f:
-                f.write(content)
-        return True
-
-
-def _read_lock(lock: Path) -> tuple[str, float] | None:
-    """The holder line of `lock` and its age in seconds, or None if there is no lock."""
+def _flock(fd: int) -> bool | None:
+    """Try to take an exclusive flock on `fd` without waiting: True if taken, False if another
+    open file holds it, None if the filesystem has no flock (the lock then rests on its content)."""
     try:
-        with open(lock, "rb") as f:
-            age = time.time() - os.fstat(f.fileno()).st_mtime
-            return f.read().decode("utf-8", "replace").strip(), age
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            return None
+        raise
+    return True
+
+
+def _write_holder(fd: int, content: str) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, content.encode())
+    os.fsync(fd)
+
+
+def _create_lock(lock: Path, content: str) -> int | None:
+    """Create `lock` holding `content` and flocked by the returned fd; None if it already exists.
+
+    The content goes to a temp file, which is flocked and then hard-linked to the lock's name,
+    so no other process can ever see the lock unflocked or without its holder line.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{lock.name}.", suffix=".tmp", dir=lock.parent)
+    linked = False
+    try:
+        os.fchmod(fd, 0o644 & ~_UMASK)
+        _flock(fd)  # a fresh temp file, which nobody else can hold
+        _write_holder(fd, content)
+        os.link(tmp, lock)
+        linked = True
+        return fd
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        linked = None  # no hard links on this filesystem
+    finally:
+        if not linked:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    # A filesystem without hard links: O_EXCL, then flock, then the holder line. A process that
+    # opens it in between finds it empty, which it takes to be held for LOCK_GRACE_S.
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    except FileExistsError:
+        return None
+    try:
+        _flock(fd)
+        _write_holder(fd, content)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode("utf-8", "replace").strip()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (a released lock is unlinked first)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _take_existing(lock: Path, me: str, here: str) -> int | None:
+    """Open the existing `lock` and take it over if it is stale: the fd, or None if it went away
+    in the meantime (try again). A held lock raises RunLockedError naming its holder."""
+    run_dir = lock.parent
+    try:
+        fd = os.open(lock, os.O_RDWR)
     except FileNotFoundError:
         return None
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
-    """Hold `run_dir/run.lock` for the duration of a run.
-
-    The lock file names the holder's host and pid, and appears with that content already in
-    it (written to a temp file, then hard-linked into place). An existing lock is:
-    - held by a live process on this host: refused with RunLockedError;
-    - left by a dead process on this host: stale, taken over;
-    - from another host: refused, since its process can't be checked from here (the error
-      says to delete the lock file if that job is gone);
-    - empty or unparseable: refused while younger than LOCK_GRACE_S, taken over after that
-      (only a crash while writing it could leave one so).
-    The lock is removed on exit if it still names this process.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / "run.lock"
-    here = socket.gethostname()
-    me = f"{here} {os.getpid()}"
-    for _ in range(3):
-        if _create_lock(lock, me + "\n"):
-            break
-        found = _read_lock(lock)
-        if found is None:
-            continue  # released in the meantime: try again
-        holder, age = found
+    keep = False
+    try:
+        locked = _flock(fd)
+        holder = _holder(fd)
         host, _, pid = holder.partition(" ")
+        if locked is False:  # a live process holds it, on this host or through a shared filesystem
+            raise RunLockedError(
+                f"run directory {run_dir} is locked by process {pid or '?'} on {host or '?'} (file {lock}). "
+                f"Two jobs must not write one run: wait for it to finish.")
+        if locked and not _same_file(fd, lock):
+            return None  # released (unlinked) between our open and our flock: try again
         if not (host and pid.isdigit()):
-            if age < LOCK_GRACE_S:
+            if time.time() - os.fstat(fd).st_mtime < LOCK_GRACE_S:
                 raise RunLockedError(
                     f"run directory {run_dir} is locked: its lock file {lock} has no readable holder "
                     f"(another job may be creating it right now). If no job is using this run, delete "
@@ -190,21 +224,68 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
                 f"a process on another host cannot be checked from here. Two jobs must not write one "
                 f"run: wait for it to finish, or if that job is gone (e.g. a lost cluster node), "
                 f"delete {lock} and rerun.")
-        elif _alive(int(pid)):
+        elif locked is None and _alive(int(pid)):  # no flock here: the holder's pid is all there is
             raise RunLockedError(
                 f"run directory {run_dir} is locked by process {pid} on {host} (file {lock}). Two jobs "
                 f"must not write one run: wait for it to finish, or if that process is gone, delete "
                 f"the lock file.")
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()  # stale: its process is dead, or it was left half-written
+        if locked is None:  # no flock here: take over by deleting it and creating a new one
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            return None
+        # Stale: its holder is gone (a flock dies with its process, whatever pid the line names),
+        # or it was left half-written. We hold its flock: rewrite the holder line in place.
+        _write_holder(fd, me)
+        keep = True
+        return fd
+    finally:
+        if not keep:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold `run_dir/run.lock` for the duration of a run.
+
+    The lock is an flock on run.lock, which the kernel drops when its process ends, however it
+    ends; the file's line names the holder's host and pid for messages. It appears already
+    flocked and with that line in it (a temp file, flocked, written, then hard-linked into
+    place), and is unlinked on release while still flocked, so a taker checks that the name
+    still leads to the file it flocked. An existing lock is:
+    - flocked: held by a live process, refused with RunLockedError;
+    - not flocked, naming this host: stale, its holder is gone; taken over (a live process
+      with a reused pid does not matter, and two takers cannot both win the flock);
+    - from another host: refused, since its process can't be checked from here (the error
+      says to delete the lock file if that job is gone);
+    - empty or unparseable: refused while younger than LOCK_GRACE_S, taken over after that
+      (only a crash while writing it could leave one so).
+    On a filesystem without flock, a lock naming a live pid on this host is held.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "run.lock"
+    here = socket.gethostname()
+    me = f"{here} {os.getpid()}\n"
+    fd = None
+    for _ in range(5):
+        fd = _create_lock(lock, me)
+        if fd is not None:
+            break
+        fd = _take_existing(lock, me, here)
+        if fd is not None:
+            break
     else:
         raise RunLockedError(f"could not take the lock {lock}; another process keeps recreating it")
     try:
         yield lock
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if lock.read_text().strip() == me:
-                lock.unlink()
+        try:
+            if _same_file(fd, lock) and _holder(fd) == me.strip():
+                lock.unlink()  # before the flock is dropped: a taker that flocks it next sees it unlinked
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -132,34 +132,118 @@ def test_slurm_launcher_composes_with_its_settings(env):
         assert line in out, line
 
 
+HOLD_LOCK = """
+import sys, time
+from ablation.runio import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def lock_holder(run_dir: Path) -> subprocess.Popen:
+    """A process that holds run_dir's lock (through run_lock) until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_live_lock_is_refused_and_stale_lock_taken_over(tmp_path):
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = lock_holder(run_dir)
     try:
-        (run_dir / "run.lock").write_text(f"{socket.gethostname()} {sleeper.pid}\n")
-        with pytest.raises(RunLockedError, match=f"locked by process {sleeper.pid}"):
+        with pytest.raises(RunLockedError, match=f"locked by process {holder.pid}"):
             with run_lock(run_dir):
                 pass
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
+        holder.wait()
+    lock = run_dir / "run.lock"
+    assert lock.read_text().split() == [socket.gethostname(), str(holder.pid)]
     # The holder is dead now: its lock is stale and is taken over, then released.
-    with run_lock(run_dir) as lock:
-        assert lock.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    with run_lock(run_dir) as held:
+        assert held.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    assert not lock.exists()
+
+
+def test_a_stale_lock_naming_a_reused_pid_is_taken_over(tmp_path):
+    """A dead holder's pid now belongs to another live process: nobody holds the lock, so it is stale."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / "run.lock").write_text(f"{socket.gethostname()} {other.pid}\n")
+        with run_lock(run_dir) as lock:
+            assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    finally:
+        other.kill()
+        other.wait()
     assert not (run_dir / "run.lock").exists()
+
+
+RACE_TAKER = """
+import os, sys, time
+from pathlib import Path
+from ablation.runio import RunLockedError, run_lock
+run_dir, work, takers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+holders, ready = work / "holders", work / "ready"
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < takers:  # start together
+    time.sleep(0.01)
+dead = sys.argv[4]
+wins = overlaps = 0
+end = time.monotonic() + 2.0
+while time.monotonic() < end:
+    try:
+        with run_lock(run_dir) as lock:
+            wins += 1
+            mine = holders / str(os.getpid())
+            mine.touch()
+            time.sleep(0.002)
+            overlaps += len(list(holders.iterdir())) > 1
+            mine.unlink()
+            lock.write_text(dead)  # leave it as a dead holder would: stale, for the next taker
+    except RunLockedError:
+        pass
+print(wins, overlaps, flush=True)
+"""
+
+
+def test_processes_racing_for_stale_locks_never_both_win(tmp_path):
+    """Four processes race for two seconds over a lock that every winner leaves stale, as a crashed
+    holder would: each stale lock is taken over by one of them at a time."""
+    run_dir, work = tmp_path / "run", tmp_path / "work"
+    for d in (run_dir, work / "holders", work / "ready"):
+        d.mkdir(parents=True)
+    dead = f"{socket.gethostname()} {dead_pid()}\n"
+    (run_dir / "run.lock").write_text(dead)
+    takers = [subprocess.Popen([sys.executable, "-c", RACE_TAKER, str(run_dir), str(work), "4", dead], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = []
+    for taker in takers:
+        out, err = taker.communicate(timeout=120)
+        assert taker.returncode == 0, err
+        results.append(tuple(map(int, out.split())))
+    assert sum(w for w, _ in results) >= 20, f"too few takeovers to show anything: {results}"
+    assert all(o == 0 for _, o in results), f"(wins, overlaps) per process: {results}"
+    assert (run_dir / "run.lock").read_text() == dead
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def test_two_processes_never_share_a_run_directory(env):
     """A second job on a locked run directory is refused with a clear message."""
     results = Path(env["ABLATION_RESULTS"])
     run_dir = results / "main" / "none_seed0"
-    run_dir.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = lock_holder(run_dir)
     try:
-        (run_dir / "run.lock").write_text(f"{socket.gethostname()} {holder.pid}\n")
         proc = train("regularizer=none", env=env, check=False)
-        assert proc.returncode == 2 and "is locked by process" in proc.stderr
+        assert proc.returncode == 2 and f"is locked by process {holder.pid}" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert not (run_dir / "metrics.json").exists()
     finally:
