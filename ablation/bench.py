@@ -55,7 +55,7 @@ import torch
 from . import config as C
 from .data import detect_layout, load_images, stratified_indices, subset, to_unit_range
 from .evaluate import evaluate
-from .model import Dropout, build_model
+from .model import build_model
 from .objective import vae_loss
 from .runio import atomic_write_json, atomic_write_text, read_json
 from .train import build_trainer, choose_precision, choose_threads, place_model, prepare
@@ -226,12 +226,7 @@ def seed_model(cfg, image_size: int, channels: int) -> torch.nn.Module:
     """The model as the seed ran it: the suite's architecture and initial weights (same seed), with
     torch's stock nn.Dropout in place of `ablation.model.Dropout`, in the default memory format."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, image_size, channels)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, Dropout):
-                setattr(module, name, torch.nn.Dropout(child.p))
-    return model
+    return build_model(cfg, image_size, channels, dropout_layer=torch.nn.Dropout)
 
 
 # ----------------------------------------------------------------------------- the seed-style dataset

@@ -72,13 +72,14 @@ class Dropout(nn.Dropout):
         return self.__dict__ | {"_words": None, "_keep": None, "_mask": None}
 
 
-def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float) -> nn.Sequential:
+def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float,
+           dropout_layer: type[nn.Dropout]) -> nn.Sequential:
     layers = [conv]
     if batchnorm:
         layers.append(nn.BatchNorm2d(channels))
     layers.append(nn.ReLU(inplace=True))
     if dropout > 0:
-        layers.append(Dropout(dropout))
+        layers.append(dropout_layer(dropout))
     return nn.Sequential(*layers)
 
 
@@ -92,6 +93,7 @@ class VAE(nn.Module):
         noise_scale: float = 0.3,
         dropout: float = 0.0,
         batchnorm: bool = False,
+        dropout_layer: type[nn.Dropout] = Dropout,  # nn.Dropout gives the seed's stock layers (bench)
     ) -> None:
         super().__init__()
         if image_size % 8:
@@ -105,7 +107,7 @@ class VAE(nn.Module):
         self.top = enc[-1]
         ins = [channels] + enc[:-1]
         self.encoder = nn.Sequential(
-            *[_block(nn.Conv2d(i, o, 4, 2, 1), o, batchnorm, dropout) for i, o in zip(ins, enc)],
+            *[_block(nn.Conv2d(i, o, 4, 2, 1), o, batchnorm, dropout, dropout_layer) for i, o in zip(ins, enc)],
             nn.Flatten(),
         )
         flat = self.top * self.feature * self.feature
@@ -113,7 +115,8 @@ class VAE(nn.Module):
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_decode = nn.Linear(latent_dim, flat)
         self.decoder = nn.Sequential(
-            *[_block(nn.ConvTranspose2d(i, o, 4, 2, 1), o, batchnorm, dropout) for i, o in zip(dec[:-1], dec[1:])],
+            *[_block(nn.ConvTranspose2d(i, o, 4, 2, 1), o, batchnorm, dropout, dropout_layer)
+              for i, o in zip(dec[:-1], dec[1:])],
             nn.Conv2d(dec[-1], channels, 3, 1, 1),
             nn.Tanh(),
         )
@@ -144,7 +147,7 @@ class VAE(nn.Module):
         return self.decode(z)
 
 
-def build_model(cfg, image_size: int, channels: int = 3) -> VAE:
+def build_model(cfg, image_size: int, channels: int = 3, dropout_layer: type[nn.Dropout] = Dropout) -> VAE:
     """The VAE for a resolved config and the data's image size."""
     return VAE(
         image_size=image_size,
@@ -154,4 +157,5 @@ def build_model(cfg, image_size: int, channels: int = 3) -> VAE:
         noise_scale=cfg.model.noise_scale,
         dropout=cfg.dropout.p if cfg.dropout.enabled else 0.0,
         batchnorm=cfg.batchnorm.enabled,
+        dropout_layer=dropout_layer,
     )
