@@ -151,10 +151,12 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model.to(device=device, memory_format=torch.channels_last)
 
 
-def build_trainer(cfg: DictConfig, data, device: torch.device, run_dir: Path, logger) -> Trainer:
+def build_trainer(cfg: DictConfig, data, device: torch.device, run_dir: Path, logger,
+                  config_hash: str | None = None) -> Trainer:
     """The seeded model (channels_last and optionally compiled on CUDA) and its Trainer.
 
-    `data` is an ImageData already on `device`. The benchmark builds its suite loop here too.
+    `data` is an ImageData already on `device`; `config_hash` is the config's, when the caller has
+    it already. The benchmark builds its suite loop here too.
     """
     seed_everything(cfg.seed)
     model = place_model(build_model(cfg, data.image_size, data.channels), device)
@@ -162,7 +164,7 @@ def build_trainer(cfg: DictConfig, data, device: torch.device, run_dir: Path, lo
     settings = RunSettings.from_cfg(cfg)
     settings.log_interval = C.step_row_interval(cfg)
     return Trainer(model, data, settings, run_dir, logger, choose_precision(cfg.trainer.precision, device),
-                   step_model, config_hash=C.config_hash(cfg))
+                   step_model, config_hash=config_hash or C.config_hash(cfg))
 
 
 def train(cfg: DictConfig) -> dict:
@@ -234,7 +236,7 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
         logger = wandb_logger.start(cfg.logger, run_dir=run_dir, name=cfg.run_name, group=cfg.study,
                                     job_type="train", tags=tags + list(cfg.logger.tags), config=wb_config,
                                     run_id=f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{chash[:8]}")
-        trainer = build_trainer(cfg, data, device, run_dir, logger)
+        trainer = build_trainer(cfg, data, device, run_dir, logger, config_hash=chash)
         model = trainer.model
         if resume:
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
