@@ -130,8 +130,6 @@ def _flock(fd: int) -> bool | None:
 
 
 def _write_holder(fd: int, content: str) -> None:
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, content.encode())
     os.fsync(fd)
 
@@ -192,15 +190,14 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def _take_existing(lock: Path, me: str, here: str) -> int | None:
-    """Open the existing `lock` and take it over if it is stale: the fd, or None if it went away
-    in the meantime (try again). A held lock raises RunLockedError naming its holder."""
+def _clear_stale(lock: Path, here: str) -> None:
+    """Check the existing `lock`: raise RunLockedError naming its holder if it is held, delete it
+    if it is stale. Either way, or if it went away meanwhile, the caller tries to create it again."""
     run_dir = lock.parent
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)  # flock needs no write access: another user's lock can be checked too
     except FileNotFoundError:
-        return None
-    keep = False
+        return
     try:
         locked = _flock(fd)
         holder = _holder(fd)
@@ -210,7 +207,7 @@ def _take_existing(lock: Path, me: str, here: str) -> int | None:
                 f"run directory {run_dir} is locked by process {pid or '?'} on {host or '?'} (file {lock}). "
                 f"Two jobs must not write one run: wait for it to finish.")
         if locked and not _same_file(fd, lock):
-            return None  # released (unlinked) between our open and our flock: try again
+            return  # released (unlinked) between our open and our flock
         if not (host and pid.isdigit()):
             if time.time() - os.fstat(fd).st_mtime < LOCK_GRACE_S:
                 raise RunLockedError(
@@ -229,18 +226,14 @@ def _take_existing(lock: Path, me: str, here: str) -> int | None:
                 f"run directory {run_dir} is locked by process {pid} on {host} (file {lock}). Two jobs "
                 f"must not write one run: wait for it to finish, or if that process is gone, delete "
                 f"the lock file.")
-        if locked is None:  # no flock here: take over by deleting it and creating a new one
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            return None
         # Stale: its holder is gone (a flock dies with its process, whatever pid the line names),
-        # or it was left half-written. We hold its flock: rewrite the holder line in place.
-        _write_holder(fd, me)
-        keep = True
-        return fd
+        # or it was left half-written. Unlinked while we hold its flock, so a process that flocks
+        # it after us sees it gone; the caller then creates a new one, or is refused by whoever
+        # created one first.
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
     finally:
-        if not keep:
-            os.close(fd)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -253,8 +246,8 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     place), and is unlinked on release while still flocked, so a taker checks that the name
     still leads to the file it flocked. An existing lock is:
     - flocked: held by a live process, refused with RunLockedError;
-    - not flocked, naming this host: stale, its holder is gone; taken over (a live process
-      with a reused pid does not matter, and two takers cannot both win the flock);
+    - not flocked, naming this host: stale, its holder is gone; deleted by the one taker that
+      flocks it, then created anew (a live process with the dead holder's pid does not matter);
     - from another host: refused, since its process can't be checked from here (the error
       says to delete the lock file if that job is gone);
     - empty or unparseable: refused while younger than LOCK_GRACE_S, taken over after that
@@ -266,14 +259,11 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     lock = run_dir / "run.lock"
     here = socket.gethostname()
     me = f"{here} {os.getpid()}\n"
-    fd = None
     for _ in range(5):
         fd = _create_lock(lock, me)
         if fd is not None:
             break
-        fd = _take_existing(lock, me, here)
-        if fd is not None:
-            break
+        _clear_stale(lock, here)
     else:
         raise RunLockedError(f"could not take the lock {lock}; another process keeps recreating it")
     try:
