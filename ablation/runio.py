@@ -115,11 +115,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _flock(fd: int) -> bool | None:
-    """Try to take an exclusive flock on `fd` without waiting: True if taken, False if another
-    open file holds it, None if the filesystem has no flock (the lock then rests on its content)."""
+# The fds of the run locks this process holds. A child forked without exec closes its copies,
+# so that it cannot keep a lock alive after its parent is killed (closing a copy does not
+# release the parent's flock).
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def _flock(fd: int, shared: bool = False, wait: bool = False) -> bool | None:
+    """Try to take an flock on `fd`: True if taken, False if another open file holds it, None if
+    the filesystem has no flock (the lock then rests on its content)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
     except OSError as exc:
@@ -158,18 +174,22 @@ def _create_lock(lock: Path, content: str) -> int | None:
     finally:
         if not linked:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a temp file left behind must not lose the lock just taken
             os.unlink(tmp)
-    # A filesystem without hard links: O_EXCL, then flock, then the holder line. A process that
-    # opens it in between finds it empty, which it takes to be held for LOCK_GRACE_S.
+    # A filesystem without hard links: O_EXCL, then flock, then the holder line. A checker that
+    # opens it in between finds it empty, takes it to be held for LOCK_GRACE_S, and lets go of
+    # its flock at once, which this process then waits for.
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
     except FileExistsError:
         return None
     try:
-        _flock(fd)
+        if _flock(fd) is False:
+            _flock(fd, wait=True)
         _write_holder(fd, content)
     except BaseException:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # an empty lock would block the run for LOCK_GRACE_S
         os.close(fd)
         raise
     return fd
@@ -190,24 +210,43 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
+def _open_existing(lock: Path) -> tuple[int, bool] | None:
+    """The existing `lock` opened read-write (NFS grants an exclusive flock only then), or
+    read-only if it belongs to another user; None if it is gone. Also says if read-only."""
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        try:
+            return os.open(lock, flags), flags == os.O_RDONLY
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            continue
+    raise RunLockedError(f"the lock file {lock} cannot be read by this user; check its permissions")
+
+
 def _clear_stale(lock: Path, here: str) -> None:
     """Check the existing `lock`: raise RunLockedError naming its holder if it is held, delete it
     if it is stale. Either way, or if it went away meanwhile, the caller tries to create it again."""
     run_dir = lock.parent
-    try:
-        fd = os.open(lock, os.O_RDONLY)  # flock needs no write access: another user's lock can be checked too
-    except FileNotFoundError:
+    opened = _open_existing(lock)
+    if opened is None:
         return
+    fd, read_only = opened
     try:
-        locked = _flock(fd)
+        locked = _flock(fd, shared=read_only)  # a shared flock is all a read-only fd gets on NFS
         holder = _holder(fd)
         host, _, pid = holder.partition(" ")
         if locked is False:  # a live process holds it, on this host or through a shared filesystem
+            if host == here and pid.isdigit() and not _alive(int(pid)):
+                raise RunLockedError(f"run directory {run_dir}: another job is taking over its stale lock "
+                                     f"{lock} right now. Two jobs must not write one run.")
             raise RunLockedError(
                 f"run directory {run_dir} is locked by process {pid or '?'} on {host or '?'} (file {lock}). "
                 f"Two jobs must not write one run: wait for it to finish.")
-        if locked and not _same_file(fd, lock):
+        if not _same_file(fd, lock):
             return  # released (unlinked) between our open and our flock
+        if host == here and pid == str(os.getpid()):  # NFS locks belong to the process: never our own
+            raise RunLockedError(f"run directory {run_dir} is locked by process {pid} on {host} (file {lock}), "
+                                 f"this very process. Two jobs must not write one run.")
         if not (host and pid.isdigit()):
             if time.time() - os.fstat(fd).st_mtime < LOCK_GRACE_S:
                 raise RunLockedError(
@@ -226,10 +265,15 @@ def _clear_stale(lock: Path, here: str) -> None:
                 f"run directory {run_dir} is locked by process {pid} on {host} (file {lock}). Two jobs "
                 f"must not write one run: wait for it to finish, or if that process is gone, delete "
                 f"the lock file.")
+        if read_only:  # another user's stale lock: a shared flock does not keep a second taker out
+            raise RunLockedError(
+                f"run directory {run_dir} has a stale lock {lock} (process {pid or '?'} on {host or '?'} is "
+                f"gone) that belongs to another user; delete it and rerun.")
         # Stale: its holder is gone (a flock dies with its process, whatever pid the line names),
         # or it was left half-written. Unlinked while we hold its flock, so a process that flocks
         # it after us sees it gone; the caller then creates a new one, or is refused by whoever
-        # created one first.
+        # created one first. Without flock, the same-file check above only narrows the window in
+        # which a second taker could delete the lock a first one has just created.
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
     finally:
@@ -252,7 +296,8 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
       says to delete the lock file if that job is gone);
     - empty or unparseable: refused while younger than LOCK_GRACE_S, taken over after that
       (only a crash while writing it could leave one so).
-    On a filesystem without flock, a lock naming a live pid on this host is held.
+    On a filesystem without flock, a lock naming a live pid on this host is held, and a stale one
+    is taken over on a best-effort basis. Hosts must have distinct hostnames.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +311,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
         _clear_stale(lock, here)
     else:
         raise RunLockedError(f"could not take the lock {lock}; another process keeps recreating it")
+    _HELD.add(fd)
     try:
         yield lock
     finally:
@@ -275,6 +321,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
         except FileNotFoundError:
             pass
         finally:
+            _HELD.discard(fd)
             os.close(fd)
 
 

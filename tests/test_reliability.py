@@ -183,10 +183,14 @@ def test_a_stale_lock_naming_a_reused_pid_is_taken_over(tmp_path):
 
 
 RACE_TAKER = """
-import os, sys, time
+import errno, os, sys, time
 from pathlib import Path
 from ablation.runio import RunLockedError, run_lock
 run_dir, work, takers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+if sys.argv[5] == "no hard links":  # as on vfat or some SMB mounts: os.link fails with EPERM
+    def link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    os.link = link
 holders, ready = work / "holders", work / "ready"
 (ready / str(os.getpid())).touch()
 while len(list(ready.iterdir())) < takers:  # start together
@@ -210,7 +214,8 @@ print(wins, overlaps, flush=True)
 """
 
 
-def test_processes_racing_for_stale_locks_never_both_win(tmp_path):
+@pytest.mark.parametrize("filesystem", ["hard links", "no hard links"])
+def test_processes_racing_for_stale_locks_never_both_win(tmp_path, filesystem):
     """Four processes race for two seconds over a lock that every winner leaves stale, as a crashed
     holder would: each stale lock is taken over by one of them at a time."""
     run_dir, work = tmp_path / "run", tmp_path / "work"
@@ -218,7 +223,8 @@ def test_processes_racing_for_stale_locks_never_both_win(tmp_path):
         d.mkdir(parents=True)
     dead = f"{socket.gethostname()} {dead_pid()}\n"
     (run_dir / "run.lock").write_text(dead)
-    takers = [subprocess.Popen([sys.executable, "-c", RACE_TAKER, str(run_dir), str(work), "4", dead], cwd=ROOT,
+    takers = [subprocess.Popen([sys.executable, "-c", RACE_TAKER, str(run_dir), str(work), "4", dead, filesystem],
+                               cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = []
     for taker in takers:
@@ -228,6 +234,47 @@ def test_processes_racing_for_stale_locks_never_both_win(tmp_path):
     assert sum(w for w, _ in results) >= 20, f"too few takeovers to show anything: {results}"
     assert all(o == 0 for _, o in results), f"(wins, overlaps) per process: {results}"
     assert (run_dir / "run.lock").read_text() == dead
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from ablation.runio import run_lock
+with run_lock(sys.argv[1]):
+    child = os.fork()  # without exec, like a fork-started worker process
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(RunLockedError, match=f"locked by process {holder.pid}"):
+            with run_lock(run_dir):
+                pass
+        holder.kill()
+        holder.wait()
+        assert _pid_running(child), "the forked child outlives its parent"
+        with run_lock(run_dir) as lock:  # the parent is dead: its lock is stale although the child lives
+            assert lock.read_text().split() == [socket.gethostname(), str(os.getpid())]
+    finally:
+        holder.kill()
+        holder.wait()
+        os.kill(child, signal.SIGKILL)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def dead_pid() -> int:
