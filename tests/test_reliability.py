@@ -141,6 +141,13 @@ with run_lock(sys.argv[1]):
 """
 
 
+def assert_taken_over(run_dir: Path) -> None:
+    """run_lock takes run_dir's lock, which then names this process, and removes it on release."""
+    with run_lock(run_dir) as lock:
+        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+    assert not lock.exists()
+
+
 def lock_holder(run_dir: Path) -> subprocess.Popen:
     """A process that holds run_dir's lock (through run_lock) until it is killed."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -161,10 +168,7 @@ def test_live_lock_is_refused_and_stale_lock_taken_over(tmp_path):
         holder.wait()
     lock = run_dir / "run.lock"
     assert lock.read_text().split() == [socket.gethostname(), str(holder.pid)]
-    # The holder is dead now: its lock is stale and is taken over, then released.
-    with run_lock(run_dir) as held:
-        assert held.read_text().split() == [socket.gethostname(), str(os.getpid())]
-    assert not lock.exists()
+    assert_taken_over(run_dir)  # the holder is dead now: its lock is stale
 
 
 def test_a_stale_lock_naming_a_reused_pid_is_taken_over(tmp_path):
@@ -174,12 +178,10 @@ def test_a_stale_lock_naming_a_reused_pid_is_taken_over(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (run_dir / "run.lock").write_text(f"{socket.gethostname()} {other.pid}\n")
-        with run_lock(run_dir) as lock:
-            assert lock.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+        assert_taken_over(run_dir)
     finally:
         other.kill()
         other.wait()
-    assert not (run_dir / "run.lock").exists()
 
 
 RACE_TAKER = """
@@ -261,8 +263,7 @@ def test_a_forked_child_does_not_keep_a_killed_parents_lock(tmp_path):
         holder.kill()
         holder.wait()
         assert _pid_running(child), "the forked child outlives its parent"
-        with run_lock(run_dir) as lock:  # the parent is dead: its lock is stale although the child lives
-            assert lock.read_text().split() == [socket.gethostname(), str(os.getpid())]
+        assert_taken_over(run_dir)  # the parent is dead: its lock is stale although the child lives
     finally:
         holder.kill()
         holder.wait()
@@ -311,9 +312,7 @@ def test_an_empty_lock_is_held_until_it_is_older_than_the_grace_period(tmp_path)
     # Two minutes old: only a crash mid-write leaves one so; it is taken over, then released.
     old = time.time() - 120
     os.utime(lock, (old, old))
-    with run_lock(run_dir) as held:
-        assert held.read_text().split() == [socket.gethostname(), str(os.getpid())]
-    assert not lock.exists()
+    assert_taken_over(run_dir)
 
 
 def test_a_lock_from_another_host_is_refused_and_says_how_to_clear_it(tmp_path):
