@@ -27,7 +27,10 @@ eval         `ablation.evaluate.evaluate` on the test images (inference mode, ev
 It also counts the model's FLOPs per image (torch.utils.flop_counter), measures the machine's fp32
 GEMM peak (the best of torch.mm and, on the CPU, a oneDNN 1x1 convolution), derives each loop's
 fraction of the FLOP-limit images/s, and measures the peak RSS of a `budget=cpu` training run in a
-subprocess. Results go to results/bench/bench.json (`--out`)
+subprocess. The process keeps its freed memory as a training run does (`trainer.reuse_memory`,
+ablation/allocator.py), and since that is a setting of the whole process, the seed-style loops
+run with it too: they are faster than the seed under the C library's defaults, so the
+suite / seed-style ratios are conservative. Results go to results/bench/bench.json (`--out`)
 and a Markdown table beside it (bench.md). Targets are reported with "target met", never asserted.
 """
 from __future__ import annotations
@@ -52,6 +55,7 @@ from typing import Callable
 
 import torch
 
+from . import allocator
 from . import config as C
 from .data import detect_layout, load_images, stratified_indices, subset, to_unit_range
 from .evaluate import evaluate
@@ -132,7 +136,7 @@ def machine_info(device: torch.device) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     info = {"cpu": cpu, "cores": cores, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": str(device), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "malloc": allocator.applied()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -549,13 +553,22 @@ def _peak_line(peak: dict) -> str:
             f"{len(peak['kernels'][best]['samples_gflops'])} spread over the run{'; ' + others if others else ''}).")
 
 
+def _malloc_note(malloc: dict | None) -> str:
+    if not malloc:
+        return " C library allocator defaults (trainer.reuse_memory off or not glibc)."
+    mib = {k: ("default" if not v else f"{v >> 30} GiB" if v % (1 << 30) == 0 else f"{v >> 20} MiB")
+           for k, v in malloc.items()}
+    return (f" glibc malloc thresholds (trainer.reuse_memory): mmap {mib['mmap_threshold']}, trim "
+            f"{mib['trim_threshold']}, for every loop, the seed-style ones included.")
+
+
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     lines = [
         "# Throughput bench",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, device "
-        f"{m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}.",
+        f"{m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}.{_malloc_note(m.get('malloc'))}",
         f"Data: `{s['data_root']}`{' (tiny, generated)' if s['tiny'] else ''}. Medians of {s['repeats']} "
         f"alternating repeats after {s['warmup']} warm-up round(s).",
         _peak_line(result["peak"]),
@@ -619,6 +632,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="data.root (default: the composed config's, i.e. $ABLATION_DATA or data/cifar10)")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the peak RSS of a budget=cpu training run (budget=smoke with --tiny); default on")
+    p.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="trainer.reuse_memory for the bench process, as in training (default on); with "
+                        "--no-reuse-memory every loop runs under the C library's allocator defaults")
     p.add_argument("--sweep", action="store_true",
                    help="also measure runs/hour of the smoke factorial sweep, 1 job x 2 threads vs 2 jobs x 1 (slow)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
@@ -642,7 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     common = ["regularizer=all", "logger=none", f"budget={'smoke' if args.tiny else 'cpu'}",
-              f"trainer.device={args.device}"]
+              f"trainer.device={args.device}", f"trainer.reuse_memory={str(args.reuse_memory).lower()}"]
     if args.tiny and not args.data_root:
         from .synthetic import make_imagefolder
 

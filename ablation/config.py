@@ -73,6 +73,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (CUDA only)
     threads: int = 0  # torch CPU threads; 0 = cores / parallel jobs of the launcher
+    reuse_memory: bool = True  # keep freed memory in the process (glibc malloc thresholds); see ablation/allocator.py
     log_interval: int = 10  # steps between step-level history rows; with W&B, the smaller of this and logger.log_interval
     image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
     checkpoint: bool = True  # save a resumable checkpoint after every epoch
@@ -235,8 +236,10 @@ def _hash(container: dict) -> str:
 
 
 # Fields that never change what a run computes: where it is written, how it is logged (but
-# see step_row_interval), whether an old directory may be replaced, and how many CPU threads it uses.
+# see step_row_interval), whether an old directory may be replaced, how many CPU threads it uses,
+# and whether the process keeps its freed memory.
 _NOT_HASHED = ("logger", "overwrite", "results_dir", "study", "run_name")
+_NOT_HASHED_TRAINER = ("threads", "reuse_memory")
 
 
 def step_row_interval(cfg: DictConfig) -> int:
@@ -259,7 +262,8 @@ def config_hash(cfg: DictConfig) -> str:
     container = _hashed(cfg)
     for key in _NOT_HASHED:
         container.pop(key, None)
-    container["trainer"].pop("threads", None)
+    for key in _NOT_HASHED_TRAINER:
+        container["trainer"].pop(key, None)
     container["data"].pop("cache_dir", None)
     return _hash(container)
 
@@ -269,7 +273,8 @@ def settings_hash(cfg: DictConfig) -> str:
     container = _hashed(cfg)
     for key in (*_NOT_HASHED, *REGULARIZERS, "seed"):
         container.pop(key, None)
-    container["trainer"].pop("threads", None)
+    for key in _NOT_HASHED_TRAINER:
+        container["trainer"].pop(key, None)
     container["data"].pop("cache_dir", None)
     container["data"].pop("root", None)
     return _hash(container)

@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
+from .allocator import reuse_freed_memory
 from .data import DataError, load_images, subset
 from .model import build_model
 from .runio import (RunLockedError, atomic_torch_save, atomic_write_json, atomic_write_text, device_slot, read_json,
@@ -129,7 +130,8 @@ def _existing_state(run_dir: Path, chash: str, overwrite: bool) -> str:
 
 
 def prepare(cfg: DictConfig) -> tuple[torch.device, str]:
-    """Resolve the auto budget, check ranges, choose the device; before any data is touched."""
+    """Resolve the auto budget, check ranges, choose the device and set up the allocator; before any
+    data is touched."""
     _, job_num, _ = _hydra_job()
     device = choose_device(cfg.trainer.device, job_num)
     requested = cfg.budget.name
@@ -139,6 +141,8 @@ def prepare(cfg: DictConfig) -> tuple[torch.device, str]:
     C.validate(cfg)
     OmegaConf.resolve(cfg)
     choose_precision(cfg.trainer.precision, device)
+    if cfg.trainer.reuse_memory:
+        reuse_freed_memory()
     if cfg.trainer.compile and device.type != "cuda":
         raise C.ConfigError("trainer.compile=true is supported on CUDA only (inductor on the CPU needs a C++ "
                             "toolchain and minutes of compilation for no gain at these sizes); use trainer.compile=false")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from ablation import bench
 
 ROOT = Path(__file__).resolve().parent.parent
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 LOOPS = ("suite", "seed_style", "model_step", "seed_step", "eval")
 
 
@@ -43,6 +45,8 @@ def test_tiny_bench_measures_every_loop(tiny):
     assert peak["gflops"] == peak["kernels"][peak["kernel"]]["gflops"]
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["threads"] >= 1 and machine["torch"] and machine["cpu"]
+    if GLIBC:  # the bench process keeps its freed memory, as a training run does
+        assert machine["malloc"]["trim_threshold"] == 1 << 30 and machine["malloc"]["mmap_threshold"] > 0
     for width in result["widths"].values():
         assert width["images"] > 0 and width["eval_images"] > 0
         assert width["seed_style_same_images"] is True
@@ -84,7 +88,9 @@ def test_tiny_bench_writes_the_markdown_table(tiny):
 
 
 def test_tiny_bench_measures_peak_rss(tmp_path):
-    result = _run_bench(tmp_path / "bench.json", "--warmup", "0")
+    result = _run_bench(tmp_path / "bench.json", "--warmup", "0", "--no-reuse-memory")
+    assert result["machine"]["malloc"] is None and "trainer.reuse_memory=false" in result["settings"]["overrides"]
+    assert "C library allocator defaults" in (tmp_path / "bench.md").read_text()
     rss = result["rss"]
     assert rss["returncode"] == 0, rss.get("error")
     assert rss["budget"] == "smoke"
