@@ -5,10 +5,10 @@ dynamic threshold (at most 32 MiB) are mmap'd and unmapped on every free, and fr
 the top of the heap is returned to the kernel beyond a trim threshold. A training step frees
 its activations at the end and allocates them again in the next one, so each step faults its
 memory back in page by page: about 78,000 minor faults (300 MB) per width-128 model step on
-the development machine, and 8,000 at width 32; about 900 and 80 with this setting. Raising both thresholds to 1 GiB keeps that memory in the process and
-reuses it. The numbers a run computes do not change; the step is faster (see the README's
-Benchmark section) and the resident memory stays at its high-water mark instead of shrinking
-between steps.
+the development machine, and 8,000 at width 32. Raising both thresholds to 1 GiB keeps that
+memory in the process and reuses it: about 900 and 80 faults per step. The numbers a run
+computes do not change; the step is faster (see the README's Benchmark section) and the
+resident memory stays at its high-water mark instead of shrinking between steps.
 
 `trainer.reuse_memory=false` leaves the C library's settings alone. Other C libraries (macOS,
 musl) are left alone too.
