@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import logging
 import platform
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +27,16 @@ M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30  # bytes: blocks below this come from the heap, and up to this much free heap is kept
 MMAP_FALLBACK = 32 << 20  # the largest mmap threshold glibc versions that refuse THRESHOLD accept
 
-_lock = threading.Lock()
 _applied: dict | None = None
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on glibc, the only C library whose allocator is tuned here."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _libc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -51,21 +54,20 @@ def reuse_freed_memory() -> dict | None:
     call's settings without touching the allocator again.
     """
     global _applied
-    with _lock:
-        if _applied is not None:
-            return _applied
-        libc = _libc()
-        if libc is None:
-            log.debug("not glibc: the allocator is left as it is")
-            return None
-        mmap = next((v for v in (THRESHOLD, MMAP_FALLBACK) if libc.mallopt(M_MMAP_THRESHOLD, v) == 1), None)
-        trim = THRESHOLD if libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1 else None
-        if mmap is None and trim is None:
-            log.warning("glibc refused the malloc thresholds; the allocator is left as it is")
-            return None
-        _applied = {"mmap_threshold": mmap, "trim_threshold": trim}
-        log.debug("malloc thresholds: %s", _applied)
+    if _applied is not None:
         return _applied
+    libc = _libc()
+    if libc is None:
+        log.debug("not glibc: the allocator is left as it is")
+        return None
+    mmap = next((v for v in (THRESHOLD, MMAP_FALLBACK) if libc.mallopt(M_MMAP_THRESHOLD, v) == 1), None)
+    trim = THRESHOLD if libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1 else None
+    if mmap is None and trim is None:
+        log.warning("glibc refused the malloc thresholds; the allocator is left as it is")
+        return None
+    _applied = {"mmap_threshold": mmap, "trim_threshold": trim}
+    log.debug("malloc thresholds: %s", _applied)
+    return _applied
 
 
 def applied() -> dict | None:

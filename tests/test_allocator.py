@@ -5,16 +5,16 @@ Each check runs in a fresh interpreter: the malloc thresholds belong to the whol
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+from ablation import allocator
 from ablation import config as C
 
 ROOT = Path(__file__).resolve().parent.parent
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator.is_glibc()
 
 # Cycles like a training step: three large tensors (two of them above glibc's largest dynamic
 # mmap threshold, 32 MiB) allocated, written and freed together. Per cycle: the page faults
@@ -69,7 +69,7 @@ def test_freed_memory_is_kept_and_reused():
     assert 96 < kept < 3 * 112, f"the freed memory stays resident, within a bound ({kept:.0f} MiB)"
 
 
-def _prepared(*overrides: str) -> dict:
+def _prepared(*overrides: str) -> dict | None:
     code = textwrap.dedent(f"""
         import json
         from ablation import allocator, bench

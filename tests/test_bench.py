@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ablation import bench
+from ablation import allocator, bench
 
 ROOT = Path(__file__).resolve().parent.parent
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator.is_glibc()
 LOOPS = ("suite", "seed_style", "model_step", "seed_step", "eval")
 
 
