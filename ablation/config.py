@@ -70,7 +70,7 @@ class TrainerConfig:
     batch_size: int = 128  # training batch (the seed's)
     eval_batch_size: int = 256  # evaluation batch (fastest of 128-1000 on 2 CPU cores at width 32)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16 (also CPUs with bf16 ops)
     compile: bool = False  # torch.compile the model (CUDA only)
     threads: int = 0  # torch CPU threads; 0 = cores / parallel jobs of the launcher
     reuse_memory: bool = True  # keep freed memory in the process (glibc malloc thresholds); see ablation/allocator.py

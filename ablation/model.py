@@ -24,7 +24,8 @@ class Dropout(nn.Dropout):
     tensors. Here one 64-bit draw (`random_` over the full int64 range, from the global
     generator, so seeding and checkpointed RNG states work as before) gives four activations a
     16-bit uniform each, and the draws, the mask and its float copy live in buffers kept between
-    steps. p is used as round(p * 2^16) / 2^16, within 7.7e-6 of p (0.3 -> 0.300003). Forward
+    steps. p is used as round(p * 2^16) / 2^16, within 7.7e-6 of p (0.3 -> 0.300003). Under bf16
+    autocast the mask is bf16, so 1/(1-p) is rounded as nn.Dropout rounds it (1/0.7 -> 1.4297). Forward
     and backward over the six width-32 activations of a training step on 2 CPU cores, the
     dropout layers cost 10 ms here against nn.Dropout's 45 ms.
 

@@ -87,19 +87,41 @@ def choose_threads(requested: int, launcher: DictConfig | None) -> int:
     return cores
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), with which oneDNN's bf16
+    convolutions beat fp32; without them it emulates bf16, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's cpuinfo checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(requested: str, device: torch.device, native_bf16: bool | None = None) -> str:
+    """'fp32' or 'bf16' for trainer.precision on `device`; refuses bf16 where it is not native.
+
+    auto is bf16 on a CUDA GPU with bf16 support and fp32 everywhere else, the CPU included even
+    where it has bf16 instructions: the CPU study's figures were computed in fp32, and a run
+    that resumes must not change precision. `native_bf16` overrides the CPU probe (tests).
+    """
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise C.ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
+                                f"support; use trainer.precision=fp32")
+        return "bf16"
+    if device.type == "cpu" and (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        return "bf16"
+    raise C.ConfigError(f"trainer.precision=bf16 needs bf16 instructions on the {device.type.upper()} "
+                        f"(AVX512-BF16 or AMX on a CPU), which this one lacks: bf16 would be emulated, slower "
+                        f"than fp32; use trainer.precision=fp32 (or auto)")
+
+
 def choose_precision(requested: str, device: torch.device):
     """An autocast context factory for bf16, or None for fp32."""
-    if requested == "auto":
-        requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if requested == "fp32":
+    if resolve_precision(requested, device) == "fp32":
         return None
-    if device.type != "cuda":
-        raise C.ConfigError("trainer.precision=bf16 is supported on CUDA only in this suite (CPU autocast is "
-                            "slower than fp32 here); use trainer.precision=auto or fp32")
-    if not torch.cuda.is_bf16_supported():
-        raise C.ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
-                            f"support; use trainer.precision=fp32")
-    return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _existing_state(run_dir: Path, chash: str, overwrite: bool) -> str:
@@ -226,7 +248,8 @@ def _run(cfg, run_dir: Path, device, budget: str, chash: str, shash: str, flags:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     base = {"status": "running", "study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed,
             "config_hash": chash, "settings_hash": shash, "budget": budget, "device": str(device),
-            "threads": threads, **{f"reg_{k}": v for k, v in flags.items()}}
+            "threads": threads, "precision": resolve_precision(cfg.trainer.precision, device),
+            **{f"reg_{k}": v for k, v in flags.items()}}
     atomic_write_json(run_dir / "metrics.json", base)
 
     wall_start = time.perf_counter()

@@ -177,3 +177,39 @@ def test_config_hash_ignores_logging_but_not_settings(compose_cfg):
     assert C.settings_hash(compose_cfg("budget=smoke", "logger.log_interval=5")) != s
     assert C.settings_hash(compose_cfg("budget=smoke", "regularizer=all", "seed=4")) == s
     assert C.settings_hash(compose_cfg("budget=smoke", "model.width=16")) != s
+
+
+def test_precision_resolves_per_device_and_refuses_emulated_bf16(compose_cfg):
+    import torch
+
+    from ablation.train import choose_precision, resolve_precision
+
+    cpu = torch.device("cpu")
+    cfg = compose_cfg("budget=smoke", "trainer.precision=bf16", "trainer.compile=true")  # the flags compose
+    assert cfg.trainer.precision == "bf16" and cfg.trainer.compile is True
+    C.validate(cfg)
+    # auto stays fp32 on the CPU even with bf16 instructions: the CPU study's figures are fp32
+    assert resolve_precision("auto", cpu, native_bf16=True) == "fp32"
+    assert resolve_precision("fp32", cpu, native_bf16=True) == "fp32"
+    assert resolve_precision("bf16", cpu, native_bf16=True) == "bf16"
+    with pytest.raises(C.ConfigError) as info:
+        resolve_precision("bf16", cpu, native_bf16=False)
+    assert "needs bf16 instructions" in str(info.value) and "AVX512-BF16 or AMX" in str(info.value)
+    assert "use trainer.precision=fp32" in str(info.value)
+    assert choose_precision("auto", cpu) is None and choose_precision("fp32", cpu) is None
+
+
+def test_bf16_on_a_cpu_with_bf16_runs_the_convolutions_in_bf16():
+    import torch
+
+    from ablation.train import choose_precision, cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        with pytest.raises(C.ConfigError, match="needs bf16 instructions"):
+            choose_precision("bf16", torch.device("cpu"))
+        return
+    autocast = choose_precision("bf16", torch.device("cpu"))
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with autocast():
+        y = conv(torch.rand(2, 3, 8, 8))
+    assert y.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32

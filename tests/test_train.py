@@ -44,6 +44,7 @@ def test_two_run_multirun_writes_every_output(two_run_study):
         m = metrics(d)
         assert m["status"] == "completed" and m["epochs_completed"] == 2 and m["run_name"] == run
         assert m["budget"] == "smoke" and m["images_per_s"] > 0 and m["wall_time_s"] > 0
+        assert m["precision"] == "fp32", "precision=auto is fp32 on the CPU"
         for key in ("test_recon", "test_kl", "test_loss", "trainsub_recon", "mse01", "psnr", "neg_elbo",
                     "bits_per_dim", "active_units", "probe_acc", "gen_gap", "max_gen_gap", "best_epoch"):
             assert m[key] is not None, key
@@ -134,8 +135,26 @@ def test_unknown_option_gets_hydras_message(env):
     assert "Could not find 'dropout/maybe'" in proc.stderr and "Available options in 'dropout'" in proc.stderr
 
 
-def test_bf16_and_compile_are_refused_on_cpu(env):
-    proc = train("trainer.precision=bf16", "trainer.device=cpu", env=env, check=False)
-    assert proc.returncode == 2 and "trainer.precision=bf16 is supported on CUDA only" in proc.stderr
+def test_compile_is_refused_on_cpu(env):
     proc = train("trainer.compile=true", "trainer.device=cpu", env=env, check=False)
     assert proc.returncode == 2 and "trainer.compile=true is supported on CUDA only" in proc.stderr
+    assert not list(Path(env["ABLATION_RESULTS"]).rglob("metrics.json")), "refused before any run started"
+
+
+def test_bf16_on_cpu_trains_where_the_cpu_has_bf16_and_is_refused_elsewhere(env):
+    from ablation.train import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    proc = train("trainer.precision=bf16", "trainer.device=cpu", "regularizer=all", "trainer.compile=false",
+                 env=env, check=native)
+    runs = list(Path(env["ABLATION_RESULTS"]).rglob("metrics.json"))
+    if not native:
+        assert proc.returncode == 2 and "trainer.precision=bf16 needs bf16 instructions" in proc.stderr
+        assert "trainer.precision=fp32" in proc.stderr and not runs
+        return
+    assert len(runs) == 1
+    m = json.loads(runs[0].read_text())
+    assert m["status"] == "completed" and m["precision"] == "bf16" and m["device"] == "cpu"
+    for key in ("test_recon", "test_kl", "trainsub_recon", "psnr", "neg_elbo"):
+        assert isinstance(m[key], float) and m[key] == m[key] and abs(m[key]) < 1e6, key  # finite numbers
+    assert m["test_recon"] > 0 and m["test_kl"] >= 0
