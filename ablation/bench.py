@@ -4,6 +4,7 @@
     python -m ablation.bench --tiny --no-rss         # generated data, width 8: well under a minute
     python -m ablation.bench --data-root /path/cifar10-jpg.tar.gz --widths 32 --repeats 5
     python -m ablation.bench --sweep                 # also runs/hour of the smoke factorial (slow)
+    python -m ablation.bench --precision bf16 --out results/bench/bf16/bench.json   # the suite's loops in bf16
 
 In one process, for each width, five loops are timed in alternating rounds
 (suite, seed_style, model_step, seed_step, eval, suite, ...), after one warm-up round, and
@@ -24,8 +25,10 @@ seed_step    the same step with the seed's model, layout and optimizer (torch's 
              suite / model_step the part from the data path.
 eval         `ablation.evaluate.evaluate` on the test images (inference mode, eval batch from the config).
 
-It also counts the model's FLOPs per image (torch.utils.flop_counter), measures the machine's fp32
-GEMM peak (the best of torch.mm and, on the CPU, a oneDNN 1x1 convolution), derives each loop's
+The suite's loops run at `trainer.precision` (`--precision`, default auto: fp32 on the CPU), the
+seed's always in fp32. It also counts the model's FLOPs per image (torch.utils.flop_counter),
+measures the machine's fp32 GEMM peak (the best of torch.mm and, on the CPU, a oneDNN 1x1
+convolution; with bf16 also the bf16 peak, the limit of the suite's loops), derives each loop's
 fraction of the FLOP-limit images/s, and measures the peak RSS of a `budget=cpu` training run in a
 subprocess. The process keeps its freed memory as a training run does (`trainer.reuse_memory`,
 ablation/allocator.py), and since that is a setting of the whole process, the seed-style loops
@@ -62,7 +65,7 @@ from .evaluate import evaluate
 from .model import build_model
 from .objective import vae_loss
 from .runio import atomic_write_json, atomic_write_text, read_json
-from .train import build_trainer, choose_precision, choose_threads, place_model, prepare
+from .train import build_trainer, choose_precision, choose_threads, place_model, prepare, resolve_precision
 from .trainer import RunSettings, make_optimizer, seed_everything
 from .wandb_logger import NullLogger
 
@@ -71,6 +74,7 @@ log = logging.getLogger("ablation.bench")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("results/bench/bench.json")
 LOOPS = ("suite", "seed_style", "model_step", "seed_step", "eval")
+SEED_LOOPS = ("seed_style", "seed_step")  # always fp32, as the seed ran; the others at --precision
 # Images per repeat of the training loops: a few seconds each on a 2-core CPU.
 DEFAULT_IMAGES = {32: 2048, 128: 512}
 TINY_WIDTH, TINY_IMAGES, TINY_TRAIN, TINY_TEST = 8, 256, 256, 128
@@ -400,10 +404,12 @@ def bench_width(cfg, full, device: torch.device, images: int, repeats: int, warm
         finally:
             wb.close()
     loops = {}
+    suite_precision = "fp32" if wb.autocast is None else "bf16"
     for name, runs in samples.items():
         rates = [n / s for n, s in runs]
         loops[name] = {"images_per_s": statistics.median(rates), "samples_images_per_s": rates,
-                       "seconds": [s for _, s in runs], "images": runs[0][0]}
+                       "seconds": [s for _, s in runs], "images": runs[0][0],
+                       "precision": "fp32" if name in SEED_LOOPS else suite_precision}
     suite = loops["suite"]["images_per_s"]
     ratios = {
         "suite_vs_seed_style": _ratio(suite / loops["seed_style"]["images_per_s"], TARGET_SUITE_VS_SEED.get(width)),
@@ -419,15 +425,26 @@ def bench_width(cfg, full, device: torch.device, images: int, repeats: int, warm
     }
 
 
-def apply_peak(width_result: dict, peak_gflops: float) -> None:
-    """FLOP-limit images/s (peak / FLOPs per image) and each loop's fraction of it; eval against the forward."""
+def apply_peak(width_result: dict, peak_gflops: float, peak_bf16_gflops: float | None = None) -> None:
+    """FLOP-limit images/s (peak / FLOPs per image) and each loop's fraction of it; eval against the forward.
+
+    The seed's loops run in fp32; the suite's loops (suite, model_step, eval) at the bench's
+    precision, so with bf16 their limit comes from the bf16 GEMM peak (`peak_bf16_gflops`).
+    """
     flops = width_result["flops"]
-    flops["peak_fp32_gflops"] = peak_gflops
-    flops["flop_limit_train_images_per_s"] = peak_gflops * 1e9 / flops["train_per_image"]
-    flops["flop_limit_eval_images_per_s"] = peak_gflops * 1e9 / flops["forward_per_image"]
+    limits = {"fp32": peak_gflops}
+    if peak_bf16_gflops is not None:
+        limits["bf16"] = peak_bf16_gflops
+    for precision, gflops in limits.items():
+        suffix = "" if precision == "fp32" else "_bf16"
+        flops[f"peak_{precision}_gflops"] = gflops
+        flops[f"flop_limit_train_images_per_s{suffix}"] = gflops * 1e9 / flops["train_per_image"]
+        flops[f"flop_limit_eval_images_per_s{suffix}"] = gflops * 1e9 / flops["forward_per_image"]
     for name, loop in width_result["loops"].items():
-        limit = flops["flop_limit_eval_images_per_s" if name == "eval" else "flop_limit_train_images_per_s"]
-        loop["fraction_of_flop_limit"] = loop["images_per_s"] / limit
+        gflops = limits[loop["precision"]]
+        per_image = flops["forward_per_image" if name == "eval" else "train_per_image"]
+        loop["flop_limit_images_per_s"] = gflops * 1e9 / per_image
+        loop["fraction_of_flop_limit"] = loop["images_per_s"] / loop["flop_limit_images_per_s"]
 
 
 def _ratio(value: float, target: float | None) -> dict:
@@ -480,12 +497,12 @@ def _tail(path: Path, lines: int = 15) -> str:
     return ""
 
 
-def measure_rss(budget: str, data_overrides: list[str], device: str, timeout: float = 1800) -> dict:
+def measure_rss(budget: str, overrides: list[str], device: str, timeout: float = 1800) -> dict:
     """Peak RSS of `python -m ablation.train budget=<budget> trainer.epochs=1 ...` in a fresh results dir,
     with an empty data cache, so that decoding the images counts as on a first run. One epoch has every
     phase of a run (decode, training, evaluation, final metrics); later epochs repeat them."""
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
-        data = [o for o in data_overrides if not o.startswith("data.cache_dir=")]
+        data = [o for o in overrides if not o.startswith("data.cache_dir=")]
         cmd = [sys.executable, "-m", "ablation.train", f"budget={budget}", "trainer.epochs=1", "logger=none",
                "regularizer=all", "study=bench-rss", "overwrite=true", f"trainer.device={device}", *data,
                f"data.cache_dir={Path(tmp) / 'cache'}"]
@@ -502,13 +519,13 @@ def measure_rss(budget: str, data_overrides: list[str], device: str, timeout: fl
     return out
 
 
-def measure_sweep(data_overrides: list[str], device: str, configs=((1, 2), (2, 1)), timeout: float = 3600) -> dict:
+def measure_sweep(overrides: list[str], device: str, configs=((1, 2), (2, 1)), timeout: float = 3600) -> dict:
     """Runs per hour of the smoke-budget 2^5 factorial with the joblib launcher, per (jobs, threads)."""
     results = []
     for jobs, threads in configs:
         cmd = [sys.executable, "-m", "ablation.train", "-m", "+sweep=factorial", "budget=smoke", "logger=none",
                "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"trainer.threads={threads}",
-               f"trainer.device={device}", *data_overrides]
+               f"trainer.device={device}", *overrides]
         with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
             env = os.environ | {"ABLATION_RESULTS": tmp}
             log.info("sweep: %d jobs x %d threads: %s", jobs, threads, " ".join(cmd[1:]))
@@ -545,11 +562,11 @@ def _met(met: bool | None) -> str:
     return "n/a" if met is None else ("yes" if met else "no")
 
 
-def _peak_line(peak: dict) -> str:
+def _peak_line(peak: dict, precision: str = "fp32") -> str:
     names = {"mm": "torch.mm", "onednn_conv1x1": "oneDNN 1x1 convolution"}
     n, best = peak["n"], peak["kernel"]
     others = "; ".join(f"{names.get(k, k)} {_fmt(v['gflops'], 1)}" for k, v in peak["kernels"].items() if k != best)
-    return (f"Peak fp32 GEMM: {_fmt(peak['gflops'], 1)} GFLOP/s ({names.get(best, best)}, {n}x{n}x{n}, best of "
+    return (f"Peak {precision} GEMM: {_fmt(peak['gflops'], 1)} GFLOP/s ({names.get(best, best)}, {n}x{n}x{n}, best of "
             f"{len(peak['kernels'][best]['samples_gflops'])} spread over the run{'; ' + others if others else ''}).")
 
 
@@ -570,21 +587,24 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads, device "
         f"{m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}.{_malloc_note(m.get('malloc'))}",
         f"Data: `{s['data_root']}`{' (tiny, generated)' if s['tiny'] else ''}. Medians of {s['repeats']} "
-        f"alternating repeats after {s['warmup']} warm-up round(s).",
+        f"alternating repeats after {s['warmup']} warm-up round(s). Precision: the suite's loops "
+        f"{s.get('precision', 'fp32')} (`trainer.precision`), the seed's fp32.",
         _peak_line(result["peak"]),
+        *([_peak_line(result["peak_bf16"], "bf16")] if result.get("peak_bf16") else []),
         "",
-        "| width | loop | images | images/s (median) | samples | FLOPs/image | FLOP-limit images/s | % of limit |",
-        "|---:|---|---:|---:|---|---:|---:|---:|",
+        "| width | loop | precision | images | images/s (median) | samples | FLOPs/image | FLOP-limit images/s "
+        "| % of limit |",
+        "|---:|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for key, w in result["widths"].items():
         fl = w["flops"]
         for name in LOOPS:
             loop = w["loops"][name]
             per = fl["forward_per_image"] if name == "eval" else fl["train_per_image"]
-            limit = fl["flop_limit_eval_images_per_s"] if name == "eval" else fl["flop_limit_train_images_per_s"]
             samples = ", ".join(f"{r:,.0f}" for r in loop["samples_images_per_s"])
-            lines.append(f"| {key} | {name} | {loop['images']} | {_fmt(loop['images_per_s'], 1)} | {samples} | "
-                         f"{per / 1e6:,.1f} M | {_fmt(limit, 0)} | {100 * loop['fraction_of_flop_limit']:.1f}% |")
+            lines.append(f"| {key} | {name} | {loop['precision']} | {loop['images']} | "
+                         f"{_fmt(loop['images_per_s'], 1)} | {samples} | {per / 1e6:,.1f} M | "
+                         f"{_fmt(loop['flop_limit_images_per_s'], 0)} | {100 * loop['fraction_of_flop_limit']:.1f}% |")
     lines += ["", "| check | width | value | target | target met |", "|---|---:|---:|---:|---|"]
     names = {"suite_vs_seed_style": "suite / seed-style images/s", "suite_vs_model_step": "suite / model step images/s",
              "eval_vs_train": "eval / train (suite) images/s",
@@ -627,6 +647,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="width 8, generated data, a few steps: a self-check that finishes in well under a minute")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (CUDA when available) | cpu | cuda")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="trainer.precision of the suite's loops (suite, model_step, eval); the seed's loops "
+                        "stay fp32. auto: as in training (bf16 on CUDA with bf16 support, else fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: all cores, as in training)")
     p.add_argument("--data-root", default=None,
                    help="data.root (default: the composed config's, i.e. $ABLATION_DATA or data/cifar10)")
@@ -658,7 +681,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     common = ["regularizer=all", "logger=none", f"budget={'smoke' if args.tiny else 'cpu'}",
-              f"trainer.device={args.device}", f"trainer.reuse_memory={str(args.reuse_memory).lower()}"]
+              f"trainer.device={args.device}", f"trainer.reuse_memory={str(args.reuse_memory).lower()}",
+              f"trainer.precision={args.precision}"]
     if args.tiny and not args.data_root:
         from .synthetic import make_imagefolder
 
@@ -679,18 +703,25 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     root, cache_dir = str(base.data.root), str(base.data.cache_dir)
     log.info("bench on %s (%d threads), data %s", device, torch.get_num_threads(), root)
     full = load_images(root, base.data.download, cache_dir)
-    data_overrides = [f"data.root={_override_value(root)}", f"data.cache_dir={_override_value(cache_dir)}"]
+    # the training runs of the RSS and sweep measurements: the bench's data and precision
+    child_overrides = [f"data.root={_override_value(root)}", f"data.cache_dir={_override_value(cache_dir)}",
+                       f"trainer.precision={args.precision}"]
 
+    precision = resolve_precision(base.trainer.precision, device)
     result = {"machine": machine_info(device),
               "settings": {"tiny": args.tiny, "repeats": args.repeats, "warmup": args.warmup, "widths": args.widths,
-                           "data_root": root, "loops": list(LOOPS), "overrides": common}}
+                           "data_root": root, "loops": list(LOOPS), "overrides": common, "precision": precision}}
     n = 1024 if args.tiny else (8192 if device.type == "cuda" else 2048)
-    peak = result["peak"] = gemm_peak_gflops(device, n, reps=3 if args.tiny else 5)
-    if device.type == "cuda":
-        result["peak_bf16"] = gemm_peak_gflops(device, n, reps=5, dtype=torch.bfloat16)
+    peaks = {torch.float32: gemm_peak_gflops(device, n, reps=3 if args.tiny else 5)}
+    if precision == "bf16":  # the limit of the suite's loops
+        peaks[torch.bfloat16] = gemm_peak_gflops(device, n, reps=3 if args.tiny else 5, dtype=torch.bfloat16)
+    peak = result["peak"] = peaks[torch.float32]
+    if torch.bfloat16 in peaks:
+        result["peak_bf16"] = peaks[torch.bfloat16]
 
     def sample_peak() -> None:  # one more best-of-3 after every round: the best of the whole process counts
-        add_peak_samples(peak, gemm_peak_gflops(device, n, reps=3))
+        for dtype, best in peaks.items():
+            add_peak_samples(best, gemm_peak_gflops(device, n, reps=3, dtype=dtype))
 
     seed_ds = seed_dataset(root, cache_dir, full.image_size)
     result["widths"] = {}
@@ -700,14 +731,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         prepare(cfg)
         result["widths"][str(width)] = bench_width(cfg, full, device, images, args.repeats, args.warmup,
                                                    seed_ds, sample_peak)
-    log.info("peak fp32 GEMM: %.1f GFLOP/s (%s, best of %d)", peak["gflops"], peak["kernel"],
-             len(peak["kernels"][peak["kernel"]]["samples_gflops"]))
+    for dtype, best in peaks.items():
+        log.info("peak %s GEMM: %.1f GFLOP/s (%s, best of %d)", str(dtype).replace("torch.", ""), best["gflops"],
+                 best["kernel"], len(best["kernels"][best["kernel"]]["samples_gflops"]))
     for width_result in result["widths"].values():
-        apply_peak(width_result, peak["gflops"])
+        apply_peak(width_result, peak["gflops"], result.get("peak_bf16", {}).get("gflops"))
     if args.rss:
-        result["rss"] = measure_rss("smoke" if args.tiny else "cpu", data_overrides, args.device)
+        result["rss"] = measure_rss("smoke" if args.tiny else "cpu", child_overrides, args.device)
     if args.sweep:
-        result["sweep"] = measure_sweep(data_overrides, args.device)
+        result["sweep"] = measure_sweep(child_overrides, args.device)
     return result
 
 

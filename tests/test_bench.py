@@ -55,6 +55,7 @@ def test_tiny_bench_measures_every_loop(tiny):
             assert loop["images"] > 0 and all(s > 0 for s in loop["seconds"]), name
             assert len(loop["samples_images_per_s"]) == result["settings"]["repeats"]
             assert loop["fraction_of_flop_limit"] > 0, name
+            assert loop["precision"] == "fp32" and loop["flop_limit_images_per_s"] > 0, name
         flops = width["flops"]
         for key in ("train_per_image", "forward_per_image", "peak_fp32_gflops", "flop_limit_train_images_per_s",
                     "flop_limit_eval_images_per_s"):
@@ -64,6 +65,34 @@ def test_tiny_bench_measures_every_loop(tiny):
             assert width["ratios"][ratio]["value"] > 0
             assert width["ratios"][ratio]["met"] in (True, False, None)
     assert "rss" not in result and "sweep" not in result
+    assert result["settings"]["precision"] == "fp32" and "peak_bf16" not in result  # auto on the CPU
+
+
+def test_tiny_bench_runs_the_suites_loops_in_bf16_where_the_cpu_has_it(tmp_path):
+    from ablation.train import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        env = {k: v for k, v in os.environ.items() if k not in ("ABLATION_DATA", "ABLATION_RESULTS")}
+        proc = subprocess.run([sys.executable, "-m", "ablation.bench", "--tiny", "--no-rss", "--device", "cpu",
+                               "--precision", "bf16", "--out", str(tmp_path / "b.json")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "needs bf16 instructions" in proc.stderr
+        assert not (tmp_path / "b.json").exists()
+        return
+    result = _run_bench(tmp_path / "bench.json", "--no-rss", "--device", "cpu", "--precision", "bf16")
+    assert result["settings"]["precision"] == "bf16" and "trainer.precision=bf16" in result["settings"]["overrides"]
+    assert result["peak_bf16"]["dtype"] == "bfloat16" and result["peak_bf16"]["gflops"] > 0
+    for width in result["widths"].values():
+        flops = width["flops"]
+        for name in LOOPS:
+            loop = width["loops"][name]
+            expected = "fp32" if name in ("seed_style", "seed_step") else "bf16"
+            assert loop["precision"] == expected, name
+            peak = flops["peak_bf16_gflops" if expected == "bf16" else "peak_fp32_gflops"]
+            per_image = flops["forward_per_image" if name == "eval" else "train_per_image"]
+            assert loop["flop_limit_images_per_s"] == pytest.approx(peak * 1e9 / per_image), name
+    md = (tmp_path / "bench.md").read_text()
+    assert "Peak bf16 GEMM" in md and "| 8 | suite | bf16 |" in md and "| 8 | seed_style | fp32 |" in md
 
 
 def test_gemm_peak_merges_later_samples_per_kernel():
