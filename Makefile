@@ -8,7 +8,7 @@ RESULTS ?= $(or $(ABLATION_RESULTS),results)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial clean
+.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ study-cpu-factorial: install ## Part 2: the 32-run factorial, seed 0, width 32, 
 	  data.train_size=10000 data.test_size=2000 trainer.epochs=$(FACTORIAL_EPOCHS) study=cifar10-cpu/factorial \
 	  results_dir=$(RESULTS) hydra/launcher=joblib hydra.launcher.n_jobs=$(FACTORIAL_JOBS)
 	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/factorial
+
+study-cpu-bf16: install ## Part 1's none,all for seed 0 in bf16 (CPUs with bf16 instructions; ~10 min)
+	ABLATION_DATA=$(STUDY_DATA) OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m ablation.train -m \
+	  regularizer=none,all seed=0 budget=cpu trainer.precision=bf16 study=cifar10-cpu/bf16-check \
+	  results_dir=$(RESULTS)
+	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/bf16-check
 
 clean: ## Remove caches (keeps .venv and results)
 	rm -rf .pytest_cache build *.egg-info

@@ -68,3 +68,18 @@ def test_readme_benchmark_tables_are_the_committed_bench():
     assert len(rows) > 10
     for row in rows:
         assert row in readme, row
+
+
+def test_readme_bf16_checks_are_the_committed_bf16_bench():
+    """The README's bf16 check table is results/bench/bf16/bench.md's, and that run was in bf16."""
+    import json
+
+    bench = json.loads((RESULTS / "bench" / "bf16" / "bench.json").read_text())
+    assert bench["settings"]["precision"] == "bf16"
+    bench_md = (RESULTS / "bench" / "bf16" / "bench.md").read_text()
+    readme = (RESULTS.parent / "README.md").read_text()
+    checks = bench_md.split("| check |", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in checks.splitlines()[2:] if line.startswith("|")]
+    assert len(rows) >= 8
+    for row in rows:
+        assert row in readme, row
