@@ -110,11 +110,10 @@ def resolve_precision(requested: str, device: torch.device, native_bf16: bool | 
             raise C.ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 "
                                 f"support; use trainer.precision=fp32")
         return "bf16"
-    if device.type == "cpu" and (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+    if cpu_has_native_bf16() if native_bf16 is None else native_bf16:
         return "bf16"
-    raise C.ConfigError(f"trainer.precision=bf16 needs bf16 instructions on the {device.type.upper()} "
-                        f"(AVX512-BF16 or AMX on a CPU), which this one lacks: bf16 would be emulated, slower "
-                        f"than fp32; use trainer.precision=fp32 (or auto)")
+    raise C.ConfigError("trainer.precision=bf16 needs bf16 instructions (AVX512-BF16 or AMX), which this CPU "
+                        "lacks: bf16 would be emulated, slower than fp32; use trainer.precision=fp32 (or auto)")
 
 
 def choose_precision(requested: str, device: torch.device):
