@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml
 
 run: install ## Train regularizer=none,all (STUDY=main, RESULTS=dir, ARGS=extra overrides), then its report
 	$(PY) -m ablation.train -m regularizer=none,all study=$(STUDY) results_dir=$(RESULTS) $(ARGS)
-	$(PY) -m ablation.analysis $(RESULTS)/$(STUDY)
+	$(PY) -m ablation.report $(RESULTS)/$(STUDY)
 
 test: install ## Run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 report: install ## Aggregate every study under results/ (or RESULTS=dir) into report.md/html
-	$(PY) -m ablation.analysis $(RESULTS) $(ARGS)
+	$(PY) -m ablation.report $(RESULTS) $(ARGS)
 
 bench: install ## Benchmark the training loop against the seed-style loop (results/bench/)
 	$(PY) -m ablation.bench $(ARGS)
@@ -43,19 +43,19 @@ study-cpu: study-cpu-seeds study-cpu-factorial ## Both parts of the CPU study, t
 study-cpu-seeds: install ## Part 1: regularizer=none,all x seeds 0,1,2 at budget=cpu (~45 min on 2 cores)
 	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m regularizer=none,all seed=0,1,2 budget=cpu \
 	  study=cifar10-cpu/none-vs-all results_dir=$(RESULTS)
-	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/none-vs-all
+	$(PY) -m ablation.report $(RESULTS)/cifar10-cpu/none-vs-all
 
 study-cpu-factorial: install ## Part 2: the 32-run factorial, seed 0, width 32, 10k/2k images, 10 epochs
 	ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m +sweep=factorial seed=0 budget=cpu \
 	  data.train_size=10000 data.test_size=2000 trainer.epochs=$(FACTORIAL_EPOCHS) study=cifar10-cpu/factorial \
 	  results_dir=$(RESULTS) hydra/launcher=joblib hydra.launcher.n_jobs=$(FACTORIAL_JOBS)
-	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/factorial
+	$(PY) -m ablation.report $(RESULTS)/cifar10-cpu/factorial
 
 study-cpu-bf16: install ## Part 1's none,all for seed 0 in bf16 (CPUs with bf16 instructions; ~10 min)
 	ABLATION_DATA=$(STUDY_DATA) OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m ablation.train -m \
 	  regularizer=none,all seed=0 budget=cpu trainer.precision=bf16 study=cifar10-cpu/bf16-check \
 	  results_dir=$(RESULTS)
-	$(PY) -m ablation.analysis $(RESULTS)/cifar10-cpu/bf16-check
+	$(PY) -m ablation.report $(RESULTS)/cifar10-cpu/bf16-check
 
 clean: ## Remove caches (keeps .venv and results)
 	rm -rf .pytest_cache build *.egg-info

@@ -13,19 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from . import regularizers as R
 
-# The five regularizer groups, in the order used for names, flags and tables.
-REGULARIZERS = ("weight_decay", "dropout", "batchnorm", "beta", "augmentation")
-# Short codes used in run-directory names: `wd-do-bn-beta-aug_seed0`, `none_seed0`.
-SHORT = {"weight_decay": "wd", "dropout": "do", "batchnorm": "bn", "beta": "beta", "augmentation": "aug"}
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -73,42 +70,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on CUDA with bf16 support, else fp32) | fp32 | bf16 (also CPUs with bf16 ops)
     compile: bool = False  # torch.compile the model (CUDA only)
     threads: int = 0  # torch CPU threads; 0 = cores / parallel jobs of the launcher
-    reuse_memory: bool = True  # keep freed memory in the process (glibc malloc thresholds); see ablation/allocator.py
     log_interval: int = 10  # steps between step-level history rows; with W&B, the smaller of this and logger.log_interval
     image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
     checkpoint: bool = True  # save a resumable checkpoint after every epoch
-    fault: Optional[str] = None  # test-only fault injection: nan_loss | raise (never set in studies)
-    fault_epoch: int = 1  # epoch at which the fault fires
-
-
-@dataclass
-class WeightDecayConfig:
-    enabled: bool = False  # set by the group option ('on'/'off')
-    value: float = 0.0  # Adam weight_decay; 'on' = 1e-4
-
-
-@dataclass
-class DropoutConfig:
-    enabled: bool = False
-    p: float = 0.0  # dropout probability; 'on' = 0.3
-
-
-@dataclass
-class BatchNormConfig:
-    enabled: bool = False  # BatchNorm2d after each hidden conv/deconv
-
-
-@dataclass
-class BetaConfig:
-    enabled: bool = False
-    value: float = 1.0  # KL weight; 'on' = 4
-
-
-@dataclass
-class AugmentationConfig:
-    enabled: bool = False
-    flip: bool = False  # random horizontal flip, p=0.5
-    crop_padding: int = 0  # random crop back to the image size after zero padding; 'on' = 4
 
 
 @dataclass
@@ -125,7 +89,7 @@ class LoggerConfig:
 
 
 @dataclass
-class Config:
+class BaseConfig:
     study: str = "main"  # results/<study>/ and the W&B group
     seed: int = 0  # seed of torch, numpy and random
     overwrite: bool = False  # replace a run directory holding a different config
@@ -136,25 +100,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    weight_decay: WeightDecayConfig = field(default_factory=WeightDecayConfig)
-    dropout: DropoutConfig = field(default_factory=DropoutConfig)
-    batchnorm: BatchNormConfig = field(default_factory=BatchNormConfig)
-    beta: BetaConfig = field(default_factory=BetaConfig)
-    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-def run_name(*args: Any) -> str:
-    """`wd-do-bn-beta-aug_seed0` for the active regularizers and the seed, `none_seed0` for none."""
-    *flags, seed = args
-    active = [SHORT[r] for r, on in zip(REGULARIZERS, flags) if _as_bool(on)]
-    return f"{'-'.join(active) or 'none'}_seed{seed}"
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.lower() == "true"
-    return bool(value)
+def schema() -> type:
+    """The primary config's schema: BaseConfig plus one field per registered regularizer."""
+    groups = [(r.group, r.schema, field(default_factory=r.schema)) for r in R.REGISTRY.values()]
+    return make_dataclass("Config", groups, bases=(BaseConfig,))
 
 
 # conf/hydra/launcher/*.yaml share their names with the launcher plugins' schemas, so Hydra
@@ -163,19 +115,14 @@ warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore s
 
 
 def register() -> None:
-    """Register the schema and the resolvers; safe to call more than once."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    """Register the schema (with the regularizers registered so far) and the resolvers; call again
+    after registering another regularizer."""
+    ConfigStore.instance().store(name="base_config", node=schema())
     if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+        OmegaConf.register_new_resolver("run_name", R.run_name_resolver)
 
 
 register()
-
-
-def flags(cfg: DictConfig) -> dict:
-    """The five regularizer switches as booleans."""
-    return {r: bool(cfg[r].enabled) for r in REGULARIZERS}
 
 
 def resolve_budget(cfg: DictConfig, cuda: bool) -> str:
@@ -214,8 +161,6 @@ def validate(cfg: DictConfig) -> None:
         (cfg.augmentation.crop_padding >= 0, f"augmentation.crop_padding={cfg.augmentation.crop_padding} must be >= 0"),
         (cfg.trainer.precision in ("auto", "fp32", "bf16"),
          f"trainer.precision={cfg.trainer.precision!r} is not one of auto, fp32, bf16"),
-        (cfg.trainer.fault in (None, "nan_loss", "raise"),
-         f"trainer.fault={cfg.trainer.fault!r} is not one of null, nan_loss, raise"),
         (cfg.logger.backend in ("wandb", "none"), f"logger.backend={cfg.logger.backend!r} is not one of wandb, none"),
         (cfg.logger.log_interval >= 1, f"logger.log_interval={cfg.logger.log_interval} must be >= 1"),
         (cfg.logger.image_interval >= 1, f"logger.image_interval={cfg.logger.image_interval} must be >= 1"),
@@ -236,10 +181,9 @@ def _hash(container: dict) -> str:
 
 
 # Fields that never change what a run computes: where it is written, how it is logged (but
-# see step_row_interval), whether an old directory may be replaced, how many CPU threads it uses,
-# and whether the process keeps its freed memory.
+# see step_row_interval), whether an old directory may be replaced, how many CPU threads it uses.
 _NOT_HASHED = ("logger", "overwrite", "results_dir", "study", "run_name")
-_NOT_HASHED_TRAINER = ("threads", "reuse_memory")
+_NOT_HASHED_TRAINER = ("threads",)
 
 
 def step_row_interval(cfg: DictConfig) -> int:
@@ -251,9 +195,11 @@ def step_row_interval(cfg: DictConfig) -> int:
 
 
 def _hashed(cfg: DictConfig) -> dict:
-    """The resolved config without the logger, with the step-row interval the logger may shorten."""
+    """The resolved config with the step-row interval the logger may shorten, and each regularizer
+    group at its effective values (an off group's values do nothing, so they are not hashed)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container["trainer"]["log_interval"] = step_row_interval(cfg)
+    container |= R.effective_dict(cfg)
     return container
 
 
@@ -271,7 +217,7 @@ def config_hash(cfg: DictConfig) -> str:
 def settings_hash(cfg: DictConfig) -> str:
     """Hash of the non-regularizer settings: runs are only pooled when this matches."""
     container = _hashed(cfg)
-    for key in (*_NOT_HASHED, *REGULARIZERS, "seed"):
+    for key in (*_NOT_HASHED, *R.names(), "seed"):
         container.pop(key, None)
     for key in _NOT_HASHED_TRAINER:
         container["trainer"].pop(key, None)

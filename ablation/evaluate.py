@@ -23,6 +23,9 @@ import math
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
@@ -75,11 +78,11 @@ def evaluate(model, images: torch.Tensor, beta: float, batch_size: int, autocast
     mus = []
     for x in eval_batches(images, batch_size):
         with autocast() if autocast else contextlib.nullcontext():
-            x_hat, mu, logvar = model(x, generator)
-        sums[0] += recon_per_image(x_hat, x).sum()
-        sums[1] += kl_per_image(mu.float(), logvar.float()).sum()
+            out = model(x, generator)
+        sums[0] += recon_per_image(out.recon, x).sum()
+        sums[1] += kl_per_image(out.mu.float(), out.logvar.float()).sum()
         if keep_mu:
-            mus.append(mu.float())
+            mus.append(out.mu.float())
     recon, kl = (sums / images.shape[0]).tolist()
     out = {"recon": recon, "kl": kl, "loss": recon + beta * kl}
     if keep_mu:
@@ -89,10 +92,6 @@ def evaluate(model, images: torch.Tensor, beta: float, batch_size: int, autocast
 
 def linear_probe(train_mu: np.ndarray, train_y: np.ndarray, test_mu: np.ndarray, test_y: np.ndarray) -> float:
     """Test accuracy of a standardized logistic regression on the posterior means."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if len(np.unique(train_y)) < 2:
         return float("nan")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))

@@ -23,8 +23,10 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .analysis import METRICS, REGULARIZERS, SHORT, cell_mask, effects_meaning, normalize  # noqa: E402
+from . import regularizers as R  # noqa: E402
+from .metrics import METRICS  # noqa: E402
 from .runio import atomic_write  # noqa: E402
+from .stats import cell_mask, effects_meaning, normalize  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def gen_gap_figure(history: pd.DataFrame, path: Path) -> Path | None:
 
 def effects_figure(effects: pd.DataFrame, path: Path, meaning: str = "on − off") -> Path | None:
     """One panel per metric: each regularizer's main effect as a bar with its 95% CI; `meaning` says what an
-    effect is (analysis.effects_meaning)."""
+    effect is (stats.effects_meaning)."""
     if effects is None or effects.empty:
         return None
     metrics = list(dict.fromkeys(effects["metric"]))
@@ -114,17 +116,23 @@ def effects_figure(effects: pd.DataFrame, path: Path, meaning: str = "on − off
 
 
 def _onoff(flags: tuple[bool, ...], names: tuple[str, ...]) -> str:
-    return " · ".join(f"{SHORT[n]} {'on' if f else 'off'}" for n, f in zip(names, flags))
+    return " · ".join(f"{R.REGISTRY[n].tag} {'on' if f else 'off'}" for n, f in zip(names, flags))
+
+
+def _labels(names: tuple[str, ...]) -> str:
+    return " · ".join(R.REGISTRY[n].label for n in names)
 
 
 def heatmap_figure(runs: pd.DataFrame, path: Path, metric: str = "test_recon") -> Path | None:
-    """Mean `metric` of each regularizer combination: rows weight decay × dropout, columns the other three."""
+    """Mean `metric` of each regularizer combination: rows the first two registered regularizers (weight
+    decay × dropout), columns the others."""
     runs = normalize(runs)
+    names = R.names()
     done = runs[runs["included"]].assign(**{metric: lambda f: pd.to_numeric(f[metric], errors="coerce")})
-    means = done.groupby(list(REGULARIZERS))[metric].mean()
+    means = done.groupby(list(names))[metric].mean()
     if len(means) < 3:
         return None
-    row_keys, col_keys = REGULARIZERS[:2], REGULARIZERS[2:]
+    row_keys, col_keys = names[:2], names[2:]
     table = means.reset_index().assign(
         row=lambda f: [_onoff(tuple(r), row_keys) for r in f[list(row_keys)].itertuples(index=False)],
         col=lambda f: ["\n".join(_onoff(tuple(c), col_keys).split(" · ")) for c in
@@ -132,7 +140,7 @@ def heatmap_figure(runs: pd.DataFrame, path: Path, metric: str = "test_recon") -
     grid = table.pivot(index="row", columns="col", values=metric)
     fig, ax = plt.subplots(figsize=(1.3 * grid.shape[1] + 3, 0.7 * grid.shape[0] + 2.2))
     sns.heatmap(grid, annot=True, fmt=".4g", cmap="viridis_r", ax=ax, cbar_kws={"label": _axis_label(metric)})
-    ax.set(xlabel="batchnorm · β · augmentation", ylabel="weight decay · dropout",
+    ax.set(xlabel=_labels(col_keys), ylabel=_labels(row_keys),
            title=f"mean {_axis_label(metric)} per regularizer combination")
     fig.tight_layout()
     return save(fig, path)

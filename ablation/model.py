@@ -7,12 +7,19 @@ With width=128 and latent_dim=128 it is the seed architecture layer by layer:
              Conv2d 64->3 (k3 s1 p1), Tanh
 
 Every hidden block is conv -> [BatchNorm2d] -> ReLU -> [Dropout]; the output layer has
-neither. Dropout is `Dropout`, an nn.Dropout with a cheaper mask sampler. Channel counts scale with `width` (w, 2w, 4w and 4w, 2w, w, w/2).
+neither. Dropout is `Dropout`, an nn.Dropout with a cheaper mask sampler. Channel counts scale
+with `width` (w, 2w, 4w and 4w, 2w, w, w/2). The model is built from a `VAEConfig`
+(`model_config` derives it from a run config) and returns a `VAEOutput(recon, mu, logvar)`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+from .regularizers import effective
 
 
 class Dropout(nn.Dropout):
@@ -25,9 +32,8 @@ class Dropout(nn.Dropout):
     generator, so seeding and checkpointed RNG states work as before) gives four activations a
     16-bit uniform each, and the draws, the mask and its float copy live in buffers kept between
     steps. p is used as round(p * 2^16) / 2^16, within 7.7e-6 of p (0.3 -> 0.300003). Under bf16
-    autocast the mask is bf16, so 1/(1-p) is rounded as nn.Dropout rounds it (1/0.7 -> 1.4297). Forward
-    and backward over the six width-32 activations of a training step on 2 CPU cores, the
-    dropout layers cost 10 ms here against nn.Dropout's 45 ms.
+    autocast the mask is bf16, so 1/(1-p) is rounded as nn.Dropout rounds it (1/0.7 -> 1.4297).
+    `make bench` measures it against the seed's nn.Dropout layers (docs/benchmark.md).
 
     The float mask is what autograd saves for the backward pass, and the next forward pass
     overwrites it in place. Calling backward on an older forward pass after a newer one is
@@ -84,41 +90,53 @@ def _block(conv: nn.Module, channels: int, batchnorm: bool, dropout: float,
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything the model's shape and layers depend on."""
+
+    image_size: int = 32  # side of the square input; a multiple of 8 (three stride-2 stages)
+    channels: int = 3
+    width: int = 128  # base channels: encoder w,2w,4w; decoder 4w,2w,w,w/2 (the seed: 128)
+    latent_dim: int = 128  # size of z (the seed: 128)
+    noise_scale: float = 0.3  # z = mu + noise_scale*eps*std; the seed uses 0.3, 1.0 is the textbook VAE
+    dropout: float = 0.0  # dropout probability after each hidden block; 0 = no dropout layers
+    batchnorm: bool = False  # BatchNorm2d after each hidden conv/deconv
+    stock_dropout: bool = False  # nn.Dropout instead of the suite's `Dropout` (the seed's own layers)
+
+
+class VAEOutput(NamedTuple):
+    recon: torch.Tensor  # decoded images on the [-1, 1] scale
+    mu: torch.Tensor  # posterior means
+    logvar: torch.Tensor  # posterior log-variances
+
+
 class VAE(nn.Module):
-    def __init__(
-        self,
-        image_size: int = 32,
-        channels: int = 3,
-        width: int = 128,
-        latent_dim: int = 128,
-        noise_scale: float = 0.3,
-        dropout: float = 0.0,
-        batchnorm: bool = False,
-        dropout_layer: type[nn.Dropout] = Dropout,  # nn.Dropout gives the seed's stock layers (bench)
-    ) -> None:
+    def __init__(self, config: VAEConfig = VAEConfig()) -> None:
         super().__init__()
-        if image_size % 8:
-            raise ValueError(f"image_size={image_size} must be a multiple of 8 (three stride-2 stages)")
-        self.image_size = image_size
-        self.latent_dim = latent_dim
-        self.noise_scale = noise_scale
-        self.feature = image_size // 8
-        enc = [width, 2 * width, 4 * width]
-        dec = [4 * width, 2 * width, width, max(1, width // 2)]
+        c = config
+        if c.image_size % 8:
+            raise ValueError(f"image_size={c.image_size} must be a multiple of 8 (three stride-2 stages)")
+        self.config = c
+        self.latent_dim = c.latent_dim
+        self.noise_scale = c.noise_scale
+        self.feature = c.image_size // 8
+        dropout_layer = nn.Dropout if c.stock_dropout else Dropout
+        enc = [c.width, 2 * c.width, 4 * c.width]
+        dec = [4 * c.width, 2 * c.width, c.width, max(1, c.width // 2)]
         self.top = enc[-1]
-        ins = [channels] + enc[:-1]
+        ins = [c.channels] + enc[:-1]
         self.encoder = nn.Sequential(
-            *[_block(nn.Conv2d(i, o, 4, 2, 1), o, batchnorm, dropout, dropout_layer) for i, o in zip(ins, enc)],
+            *[_block(nn.Conv2d(i, o, 4, 2, 1), o, c.batchnorm, c.dropout, dropout_layer) for i, o in zip(ins, enc)],
             nn.Flatten(),
         )
         flat = self.top * self.feature * self.feature
-        self.fc_mu = nn.Linear(flat, latent_dim)
-        self.fc_logvar = nn.Linear(flat, latent_dim)
-        self.fc_decode = nn.Linear(latent_dim, flat)
+        self.fc_mu = nn.Linear(flat, c.latent_dim)
+        self.fc_logvar = nn.Linear(flat, c.latent_dim)
+        self.fc_decode = nn.Linear(c.latent_dim, flat)
         self.decoder = nn.Sequential(
-            *[_block(nn.ConvTranspose2d(i, o, 4, 2, 1), o, batchnorm, dropout, dropout_layer)
+            *[_block(nn.ConvTranspose2d(i, o, 4, 2, 1), o, c.batchnorm, c.dropout, dropout_layer)
               for i, o in zip(dec[:-1], dec[1:])],
-            nn.Conv2d(dec[-1], channels, 3, 1, 1),
+            nn.Conv2d(dec[-1], c.channels, 3, 1, 1),
             nn.Tanh(),
         )
 
@@ -136,10 +154,9 @@ class VAE(nn.Module):
         h = self.fc_decode(z).view(-1, self.top, self.feature, self.feature)
         return self.decoder(h)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
         mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
+        return VAEOutput(self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -148,15 +165,15 @@ class VAE(nn.Module):
         return self.decode(z)
 
 
-def build_model(cfg, image_size: int, channels: int = 3, dropout_layer: type[nn.Dropout] = Dropout) -> VAE:
-    """The VAE for a resolved config and the data's image size."""
-    return VAE(
-        image_size=image_size,
-        channels=channels,
-        width=cfg.model.width,
-        latent_dim=cfg.model.latent_dim,
-        noise_scale=cfg.model.noise_scale,
-        dropout=cfg.dropout.p if cfg.dropout.enabled else 0.0,
-        batchnorm=cfg.batchnorm.enabled,
-        dropout_layer=dropout_layer,
-    )
+def model_config(cfg, image_size: int, channels: int = 3, stock_dropout: bool = False) -> VAEConfig:
+    """The model's settings from a resolved run config and the data's image size: the model block
+    plus the effective dropout and batch-norm regularizers."""
+    reg = effective(cfg)
+    return VAEConfig(image_size=image_size, channels=channels, width=cfg.model.width,
+                     latent_dim=cfg.model.latent_dim, noise_scale=cfg.model.noise_scale, dropout=reg.dropout.p,
+                     batchnorm=reg.batchnorm.enabled, stock_dropout=stock_dropout)
+
+
+def build_model(cfg, image_size: int, channels: int = 3, stock_dropout: bool = False) -> VAE:
+    """The VAE for a resolved run config and the data's image size."""
+    return VAE(model_config(cfg, image_size, channels, stock_dropout))

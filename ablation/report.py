@@ -1,28 +1,56 @@
-"""Render a study's report: results/<study>/report.md and a self-contained report.html.
+"""Collect the runs of a study, compute metrics and statistics, and write the report.
 
-report.md is readable on GitHub: markdown tables and figures linked relatively (figures/*.png).
-report.html is the same document with every image embedded as a base64 data URI.
+    python -m ablation.report                      # every study under ${ABLATION_RESULTS:-results}
+    python -m ablation.report results/main         # one study
+    python -m ablation.report results/ --no-wandb  # every study under results/, no W&B run
+
+For each study directory results/<study>/ this writes, atomically:
+    runs.csv      one row per run: the regularizer flags, seed, status, settings_hash,
+                  every final metric of metrics.json and the per-run metrics derived from history
+    history.csv   the epoch rows of every run's history.csv, with the run's identifiers
+    figures/      PNG figures (see ablation.figures)
+    report.md     tables and figures, readable on GitHub
+    report.html   the same, self-contained (images embedded)
+and, unless --no-wandb, logs the tables and figures to a W&B run with job_type="report".
+
+This module renders and writes: the runs come from ablation.collect, the statistics from
+ablation.stats, the figures from ablation.figures. report.md holds markdown tables and figures
+linked relatively (figures/*.png); report.html is the same document with every image embedded
+as a base64 data URI. Runs are pooled only within a setting group (one settings_hash); runs
+excluded from the statistics are listed with the reason.
 
 The none-vs-all table is a pure function of runs.csv: for each setting group,
-`render_comparison_markdown(comparison_table(group_runs))` is in report.md verbatim.
+`render_comparison_markdown(comparison_table(group_runs))` is in report.md verbatim. Every metric
+and statistic is defined in ablation.metrics and ablation.stats; the appendix prints them.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import html
+import logging
 import math
+import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import markdown as md_lib
 import pandas as pd
+from omegaconf import OmegaConf
 
-from .analysis import (ALL_ON, METRICS, REGULARIZERS, SHORT, STATISTICS, NotEstimable, cell_summary,
-                       comparison_table, effects_meaning, has_comparison, interaction_effects, main_effects,
-                       normalize, setting_groups)
+from . import regularizers as R
+from . import wandb_logger
+from .collect import NoResultsError, collect_study, find_studies, write_tables
+from .figures import group_figures
+from .metrics import METRICS
 from .runio import atomic_write_text
+from .stats import (NotEstimable, cell_summary, comparison_table, effects_meaning, has_comparison,
+                    interaction_effects, main_effects, normalize, number_word, setting_groups, statistics)
+
+log = logging.getLogger("ablation.report")  # by name: run as `python -m ablation.report`, __name__ is __main__
 
 STATUS_NOTES = {
     "running": "no final metrics yet (in progress, or killed before finishing)",
@@ -168,7 +196,7 @@ def render_cells_markdown(cells: pd.DataFrame) -> str:
     """Runs per regularizer combination, by status, with the seed-to-seed std of test recon."""
     display = pd.DataFrame({
         "Combination": cells["combo"],
-        **{SHORT[r]: cells[r].map({True: "on", False: "off"}) for r in REGULARIZERS},
+        **{R.REGISTRY[r].tag: cells[r].map({True: "on", False: "off"}) for r in R.names()},
         "In statistics": cells["included"], "Diverged": cells["diverged"], "Failed": cells["failed"],
         "Running": cells["running"], "Other excluded": cells["other_excluded"],
         "Test recon mean (SSE/image)": cells["test_recon_mean"].map(num),
@@ -218,7 +246,7 @@ def render_appendix_markdown() -> str:
     lines = ["## Appendix: definitions", "", "### Metrics (one value per run)", ""]
     lines += [f"- **{m.label}** ({m.unit}), `{m.key}`: {m.definition}" for m in METRICS.values()]
     lines += ["", "### Statistics (over runs)", ""]
-    lines += [f"- **{name}**: {text}" for name, text in STATISTICS.items()]
+    lines += [f"- **{name}**: {text}" for name, text in statistics().items()]
     lines += ["", "### Run statuses", ""]
     lines += [f"- **{s}**: {text}" for s, text in STATUS_NOTES.items()]
     return "\n".join(lines)
@@ -237,8 +265,10 @@ def _comparison_section(runs: pd.DataFrame, key: str, tables: dict) -> list[str]
         return lines + ["No finished run of regularizer=none or regularizer=all in this group.", ""]
     table = comparison_table(runs)
     tables[f"comparison/{key}"] = comparison_display(table)
+    names = R.names()
+    count, all_on = number_word(len(names)), R.combo_name(dict.fromkeys(names, True))
     return lines + [
-        f"`none` = all five regularizers off; `all` = `{ALL_ON}` (all five on). Cells: mean ± 95% CI half-width "
+        f"`none` = all {count} regularizers off; `all` = `{all_on}` (all {count} on). Cells: mean ± 95% CI half-width "
         "over seeds (n runs). Verdicts describe `all` relative to `none`: the seed report's word when a two-sided "
         "Welch t-test gives p < 0.05 in its direction, its opposite when p < 0.05 the other way (p: Welch's "
         "t-test; for diverged runs, Fisher's exact test). Each row is tested on its own at 5%, with no "
@@ -271,8 +301,6 @@ def _effects_section(runs: pd.DataFrame, key: str, tables: dict) -> tuple[list[s
 
 def _group_section(study_dir: Path, settings_hash: str, runs: pd.DataFrame, history: pd.DataFrame,
                    prefix: str, result: ReportResult) -> list[str]:
-    from .figures import group_figures
-
     key = settings_hash[:8]
     cells = cell_summary(runs)
     result.tables[f"cells/{key}"] = cells
@@ -297,7 +325,7 @@ def _header(study_dir: Path, runs: pd.DataFrame, groups: list) -> list[str]:
     counts = runs["status"].value_counts()
     status_text = ", ".join(f"{n} {s}" for s, n in counts.items())
     lines = [f"# VAE regularizer ablation: study `{study_dir.name}`", "",
-             f"Generated by `python -m ablation.analysis` from {len(runs)} run directories ({status_text}); "
+             f"Generated by `python -m ablation.report` from {len(runs)} run directories ({status_text}); "
              f"{int(runs['included'].sum())} runs are in the statistics, {int((~runs['included']).sum())} are "
              f"excluded (see [Excluded runs](#excluded-runs)). Per-run values: `runs.csv`; per-epoch values: "
              f"`history.csv`.", ""]
@@ -359,3 +387,69 @@ def write_report(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame) -> 
     atomic_write_text(result.markdown, text)
     atomic_write_text(result.html, markdown_to_html(text, study_dir, f"VAE ablation: {study_dir.name}"))
     return result
+
+
+# ---------------------------------------------------------------------------------------- W&B
+
+
+def study_name(study_dir: Path, runs: pd.DataFrame) -> str:
+    """The `study` the runs were trained under (their W&B group), e.g. cifar10-cpu/none-vs-all."""
+    names = runs["study"].dropna().astype(str) if "study" in runs else pd.Series(dtype=str)
+    return names.mode().iloc[0] if len(names) else study_dir.name
+
+
+def log_to_wandb(study_dir: Path, study: str, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
+    """Log the report's tables and figures to a W&B run (job_type=report, group=<study>) in study_dir/wandb/."""
+    cfg = OmegaConf.create({"backend": "wandb", "project": "vae-ablation", "entity": None, "mode": "auto",
+                            "tags": [], "init_timeout": 60})
+    logger = wandb_logger.start(cfg, run_dir=study_dir, name=f"report-{study.replace('/', '-')}", group=study,
+                                job_type="report", tags=["report"], config={"study": study, "tables": sorted(tables)})
+    exit_code = 1
+    try:
+        for key, frame in tables.items():
+            logger.log_table(key, frame)
+        logger.log_images({f"figures/{p.stem}": p for p in figures})
+        exit_code = 0
+    finally:
+        logger.finish(exit_code=exit_code)
+
+
+# ---------------------------------------------------------------------------------------- entry point
+
+
+def analyze_study(study_dir: Path, use_wandb: bool = True) -> Path:
+    """Collect, write runs.csv/history.csv, render the report (and log it to W&B); returns report.md."""
+    runs, history = collect_study(study_dir)
+    write_tables(study_dir, runs, history)
+    result = write_report(study_dir, runs, history)
+    if use_wandb:
+        log_to_wandb(study_dir, study_name(study_dir, runs), result.tables, result.figures)
+    n_in = int(runs["included"].sum())
+    log.info("%s: %d runs (%d in the statistics) -> %s", study_dir, len(runs), n_in, result.markdown)
+    return result.markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ablation.report [RESULTS_DIRS...] [--no-wandb]`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m ablation.report", description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="*", type=Path, metavar="RESULTS_DIRS",
+                        help="study directories (results/main) or parents of studies (results/); "
+                             "default: every study under ${ABLATION_RESULTS:-results}")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    dirs = args.dirs or [Path(os.environ.get("ABLATION_RESULTS", "results"))]
+    try:
+        studies = find_studies(dirs)
+    except NoResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for study_dir in studies:
+        print(analyze_study(study_dir, use_wandb=not args.no_wandb))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,13 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torchvision.utils import save_image
 
+from .config import config_hash as hash_config, step_row_interval
 from .data import ImageData, TrainBatches, stratified_indices, to_unit_range
 from .evaluate import evaluate, final_metrics, inference_copy
+from .model import build_model
 from .objective import vae_loss
+from .regularizers import effective
 from .runio import atomic_torch_save, atomic_write
+from .runtime import Runtime, place_model
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ class Diverged(RuntimeError):
 
 @dataclass
 class RunSettings:
-    """What the loop needs from the resolved config, flattened."""
+    """What the loop needs from the resolved config, flattened, with the regularizers' effective values."""
 
     epochs: int
     batch_size: int
@@ -57,22 +62,18 @@ class RunSettings:
     image_interval: int
     wandb_image_interval: int
     checkpoint: bool
-    fault: str | None
-    fault_epoch: int
 
     @classmethod
     def from_cfg(cls, cfg) -> "RunSettings":
-        aug = cfg.augmentation
+        reg = effective(cfg)
         return cls(
             epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
             eval_batch_size=cfg.trainer.eval_batch_size, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-            weight_decay=cfg.weight_decay.value if cfg.weight_decay.enabled else 0.0,
-            beta=cfg.beta.value if cfg.beta.enabled else 1.0, flip=bool(aug.enabled and aug.flip),
-            crop_padding=int(aug.crop_padding) if aug.enabled else 0, seed=cfg.seed,
-            subset_seed=cfg.data.subset_seed, log_interval=cfg.trainer.log_interval,
-            image_interval=cfg.trainer.image_interval,
+            weight_decay=reg.weight_decay.value, beta=reg.beta.value, flip=reg.augmentation.flip,
+            crop_padding=reg.augmentation.crop_padding, seed=cfg.seed, subset_seed=cfg.data.subset_seed,
+            log_interval=step_row_interval(cfg), image_interval=cfg.trainer.image_interval,
             wandb_image_interval=cfg.logger.image_interval if cfg.logger.backend == "wandb" else 0,
-            checkpoint=cfg.trainer.checkpoint, fault=cfg.trainer.fault, fault_epoch=cfg.trainer.fault_epoch)
+            checkpoint=cfg.trainer.checkpoint)
 
 
 def seed_everything(seed: int) -> None:
@@ -153,9 +154,8 @@ class Trainer:
         _set_rng_state(state["rng"])
         self.epoch, self.step, self.train_time = state["epoch"], state["step"], state["train_time"]
         self.epoch_rows, self.step_rows = list(state["epoch_rows"]), list(state["step_rows"])
-        if "window" in state:  # absent from the checkpoints of older versions, whose windows ended with the epoch
-            self.window.copy_(state["window"])
-            self.window_images, self.window_steps = state["window_images"], state["window_steps"]
+        self.window.copy_(state["window"])
+        self.window_images, self.window_steps = state["window_images"], state["window_steps"]
 
     # ------------------------------------------------------------------ the loop
 
@@ -177,13 +177,9 @@ class Trainer:
             self.step += 1
             n = x.shape[0]
             with self._ctx():
-                x_hat, mu, logvar = model(x)
-            parts = vae_loss(x_hat, x, mu, logvar, s.beta)
+                out = model(x)
+            parts = vae_loss(out.recon, x, out.mu, out.logvar, s.beta)
             loss = parts.total
-            if s.fault and epoch == s.fault_epoch and seen == 0:
-                if s.fault == "raise":
-                    raise RuntimeError(f"injected fault (trainer.fault=raise) at epoch {epoch}")
-                loss = loss * float("nan")  # trainer.fault=nan_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             log_now = self.step % s.log_interval == 0
@@ -290,8 +286,6 @@ class Trainer:
         return path
 
     def write_history(self) -> None:
-        import pandas as pd
-
         frame = pd.DataFrame(self.epoch_rows + self.step_rows)
         if not frame.empty:
             frame = frame.sort_values(["step", "kind"], kind="stable")
@@ -305,6 +299,17 @@ class Trainer:
             _, test, train = self._last_eval
         return final_metrics(self.model, self.data.test_x, self.data.test_y, self.trainsub_x, self.trainsub_y,
                              s.beta, s.eval_batch_size, self.autocast, test=test, train=train)
+
+
+def build_trainer(cfg, data: ImageData, runtime: Runtime, run_dir: Path, logger, config_hash: str | None = None,
+                  stock_dropout: bool = False) -> Trainer:
+    """The seeded model (channels_last, and compiled when trainer.compile) and its Trainer, for a
+    resolved config and data already on the runtime's device."""
+    seed_everything(cfg.seed)
+    model = place_model(build_model(cfg, data.image_size, data.channels, stock_dropout), runtime.device)
+    step_model = torch.compile(model) if cfg.trainer.compile else model
+    return Trainer(model, data, RunSettings.from_cfg(cfg), run_dir, logger, runtime.autocast_factory, step_model,
+                   config_hash=config_hash or hash_config(cfg))
 
 
 def _save_grid(x: torch.Tensor, path: Path, nrow: int) -> None:

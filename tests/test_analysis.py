@@ -1,4 +1,4 @@
-"""Tests of ablation.analysis / ablation.report / ablation.figures on synthetic and real run directories."""
+"""Tests of ablation.metrics / collect / stats / figures / report on synthetic and real run directories."""
 from __future__ import annotations
 
 import itertools
@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,13 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from ablation import analysis as A
+from ablation import collect as C
+from ablation import metrics as M
+from ablation import regularizers
 from ablation import report as R
-from ablation.config import REGULARIZERS
+from ablation import stats as S
+
+REGULARIZERS = regularizers.names()
 
 REPO = Path(__file__).resolve().parent.parent
 D = 3 * 32 * 32
@@ -45,7 +50,7 @@ def final_metrics(test_recon: float, test_kl: float = 10.0, **extra) -> dict:
 
 
 def run_name(flags: dict, seed: int) -> str:
-    return f"{A.combo_name(flags)}_seed{seed}"
+    return f"{regularizers.combo_name(flags)}_seed{seed}"
 
 
 def history_frame(train_kl: list[float], step_loss: list[float]) -> pd.DataFrame:
@@ -137,8 +142,8 @@ def study(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def table(study) -> pd.DataFrame:
-    runs, _ = A.collect_study(study)
-    return A.comparison_table(runs).set_index("metric")
+    runs, _ = C.collect_study(study)
+    return S.comparison_table(runs).set_index("metric")
 
 
 def check_cell(row: pd.Series, none: list[float], all_: list[float]) -> None:
@@ -191,21 +196,21 @@ def test_single_seed_gives_no_test(tmp_path):
     write_run(study, NONE, 0, {"test_recon": 100.0})
     write_run(study, NONE, 1, {"test_recon": 104.0})
     write_run(study, ALL, 0, {"test_recon": 80.0})
-    runs, _ = A.collect_study(study)
-    table = A.comparison_table(runs).set_index("metric")
+    runs, _ = C.collect_study(study)
+    table = S.comparison_table(runs).set_index("metric")
     assert table.loc["test_recon", "verdict"] == "single seed, no test"
     assert math.isnan(table.loc["test_recon", "p_value"])
     assert (table.loc["test_recon", "all_mean"], table.loc["test_recon", "all_n"]) == (80.0, 1)
     assert math.isnan(table.loc["test_recon", "all_ci"])
-    markdown = R.render_comparison_markdown(A.comparison_table(runs))
+    markdown = R.render_comparison_markdown(S.comparison_table(runs))
     assert "80.00 (n=1)" in markdown and "single seed, no test" in markdown
 
 
 def test_comparison_refuses_to_pool_setting_groups(study, tmp_path):
-    runs, _ = A.collect_study(study)
+    runs, _ = C.collect_study(study)
     other = runs.assign(settings_hash=["other0000hash0000"] * 2 + list(runs["settings_hash"][2:]))
     with pytest.raises(ValueError, match="must not be pooled"):
-        A.comparison_table(other)
+        S.comparison_table(other)
 
 
 # ---------------------------------------------------------------------------------------- factorial effects
@@ -228,23 +233,23 @@ def factorial(tmp_path_factory) -> Path:
 
 
 def test_main_effects_recover_additive_effects(factorial):
-    runs, _ = A.collect_study(factorial)
-    effects = A.main_effects(runs).set_index(["metric", "term"])
+    runs, _ = C.collect_study(factorial)
+    effects = S.main_effects(runs).set_index(["metric", "term"])
     for r, effect in EFFECTS.items():
         row = effects.loc[("test_recon", r)]
         assert row["estimate"] == pytest.approx(effect, abs=1e-6)
         assert row["ci_low"] < effect < row["ci_high"]
         assert (row["n"], row["df_resid"]) == (64, 58)
-    done = A.normalize(runs)
+    done = S.normalize(runs)
     for r in REGULARIZERS:  # balanced design: the OLS effect is mean(on) - mean(off)
         means = done.groupby(r)["gen_gap"].mean()
         assert effects.loc[("gen_gap", r), "estimate"] == pytest.approx(means[True] - means[False], abs=1e-9)
 
 
 def test_interactions_of_an_additive_factorial_are_zero(factorial):
-    runs, _ = A.collect_study(factorial)
-    assert A.is_full_factorial(runs)
-    inter = A.interaction_effects(runs)
+    runs, _ = C.collect_study(factorial)
+    assert S.is_full_factorial(runs)
+    inter = S.interaction_effects(runs)
     recon = inter[inter["metric"] == "test_recon"].set_index("term")
     pairs = [f"{a}:{b}" for a, b in itertools.combinations(REGULARIZERS, 2)]
     assert set(pairs) <= set(recon.index)
@@ -262,10 +267,10 @@ def test_effects_with_an_interaction_are_averaged_main_effects_and_a_difference_
         for seed in (0, 1):
             recon = 100.0 + 10 * flags["batchnorm"] - 20 * flags["batchnorm"] * flags["beta"] + SEED_OFFSET[seed]
             write_run(study, flags, seed, {"test_recon": recon})
-    runs, history = A.collect_study(study)
-    assert A.is_balanced_factorial(runs)
-    main = A.main_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
-    inter = A.interaction_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
+    runs, history = C.collect_study(study)
+    assert S.is_balanced_factorial(runs)
+    main = S.main_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
+    inter = S.interaction_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
     expected = {"weight_decay": 0.0, "dropout": 0.0, "batchnorm": 0.0, "beta": -10.0, "augmentation": 0.0}
     for r, effect in expected.items():
         assert main[r] == pytest.approx(effect, abs=1e-9), r
@@ -285,10 +290,10 @@ def test_effects_of_an_unbalanced_design_are_called_additive(tmp_path):
     for i, r in enumerate(REGULARIZERS):  # all, and all but one: the without_<x> presets
         write_run(study, dict.fromkeys(REGULARIZERS, True) | {r: False}, 0, {"test_recon": 90.0 + i})
     write_run(study, NONE, 0, {"test_recon": 80.0})
-    runs, history = A.collect_study(study)
-    assert not A.is_balanced_factorial(runs)
-    assert "additive model" in A.effects_meaning(runs)
-    A.main_effects(runs)  # estimable: 7 runs, 6 parameters
+    runs, history = C.collect_study(study)
+    assert not S.is_balanced_factorial(runs)
+    assert "additive model" in S.effects_meaning(runs)
+    S.main_effects(runs)  # estimable: 7 runs, 6 parameters
     R.write_report(study, runs, history)
     text = (study / "report.md").read_text()
     assert "additive model" in text and "averaged over the other factors)" not in text
@@ -299,22 +304,80 @@ def test_zero_residual_df_is_reported_not_crashed(tmp_path):
     write_run(study, NONE, 0, {"test_recon": 100.0})
     for r in REGULARIZERS:  # one at a time: 6 runs, 6 parameters
         write_run(study, NONE | {r: True}, 0, {"test_recon": 100.0 + EFFECTS[r]})
-    runs, history = A.collect_study(study)
-    effects = A.main_effects(runs)
+    runs, history = C.collect_study(study)
+    effects = S.main_effects(runs)
     recon = effects[effects["metric"] == "test_recon"].set_index("term")
     assert np.allclose(recon.loc[list(REGULARIZERS), "estimate"], list(EFFECTS.values()), atol=1e-6)
     assert (effects["df_resid"] == 0).all() and effects["ci_low"].isna().all()
-    with pytest.raises(A.NotEstimable, match="32"):
-        A.interaction_effects(runs)
+    with pytest.raises(S.NotEstimable, match="32"):
+        S.interaction_effects(runs)
     R.write_report(study, runs, history)
     text = (study / "report.md").read_text()
     assert "Residual df is 0" in text and "(no CI)" in text
 
 
 def test_none_vs_all_alone_confounds_the_factors(study):
-    runs, _ = A.collect_study(study)
-    with pytest.raises(A.NotEstimable, match="confound"):
-        A.main_effects(runs)
+    runs, _ = C.collect_study(study)
+    with pytest.raises(S.NotEstimable, match="confound"):
+        S.main_effects(runs)
+
+
+@dataclass
+class ToyConfig:
+    enabled: bool = False
+
+
+TOY = regularizers.Regularizer("toy", "toy", "toy", "model", ToyConfig, {})
+
+
+def test_a_registered_sixth_regularizer_is_a_factor(tmp_path, monkeypatch):
+    """A regularizer registered at run time gets a runs.csv column, a cell flag, a place in the
+    all-on cell and a main effect; its interactions need all 2^6 combinations."""
+    monkeypatch.setitem(regularizers.REGISTRY, "toy", TOY)
+    names = regularizers.names()
+    effects = EFFECTS | {"toy": 2.0}
+    study = tmp_path / "six"
+    for bits in itertools.product((False, True), repeat=6):
+        flags = dict(zip(names, bits))
+        write_run(study, flags, 0, {"test_recon": 100.0 + sum(effects[r] for r in names if flags[r])})
+    runs, history = C.collect_study(study)
+    assert runs["included"].all() and "toy" in runs.columns and "toy" in history.columns
+    assert S.is_balanced_factorial(runs)
+    recon = S.main_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
+    assert list(recon.index) == list(names)
+    assert np.allclose(recon[list(names)], [effects[r] for r in names], atol=1e-6)
+    inter = S.interaction_effects(runs).query("metric == 'test_recon'").set_index("term")["estimate"]
+    assert np.allclose(inter[[f"{r}:toy" for r in REGULARIZERS]], 0, atol=1e-6)
+    cells = S.cell_summary(runs)
+    assert cells["combo"].iloc[-1] == "wd-do-bn-beta-aug-toy" and cells["toy"].iloc[-1]
+    table = S.comparison_table(runs).set_index("metric")
+    assert table.loc["test_recon", "all_mean"] == pytest.approx(100.0 + sum(effects.values()))
+    R.write_report(study, runs, history)
+    text = (study / "report.md").read_text()
+    assert "`all` = `wd-do-bn-beta-aug-toy` (all six on)" in text and "| toy |" in text
+
+
+def test_a_sixth_regularizer_that_never_varies_is_left_out_of_the_effects(factorial, monkeypatch):
+    monkeypatch.setitem(regularizers.REGISTRY, "toy", TOY)
+    study = factorial.parent / "factorial-with-toy"  # the factorial's runs, their configs with the toy off
+    for run_dir in sorted(p for p in factorial.iterdir() if (p / "metrics.json").is_file()):
+        target = study / run_dir.name
+        target.mkdir(parents=True)
+        for f in run_dir.iterdir():
+            text = f.read_bytes()
+            if f.name == "config.yaml":
+                text += b"toy:\n  enabled: false\n"
+            target.joinpath(f.name).write_bytes(text)
+    runs, _ = C.collect_study(study)
+    assert runs["included"].all() and not runs["toy"].any()
+    effects = S.main_effects(runs).set_index(["metric", "term"])
+    assert "toy" not in effects.index.get_level_values("term")
+    for r, effect in EFFECTS.items():
+        assert effects.loc[("test_recon", r), "estimate"] == pytest.approx(effect, abs=1e-6)
+    assert not S.is_full_factorial(runs) and "additive model" in S.effects_meaning(runs)
+    with pytest.raises(S.NotEstimable, match="64"):
+        S.interaction_effects(runs)
+    assert not S.cell_mask(S.normalize(runs), True).any(), "all on means the toy regularizer on too"
 
 
 # ---------------------------------------------------------------------------------------- robustness
@@ -370,8 +433,8 @@ EXPECTED_EXCLUSIONS = {
 
 
 def test_partial_and_corrupt_runs_are_excluded_with_reasons(messy, caplog):
-    with caplog.at_level(logging.WARNING, logger="ablation.analysis"):
-        runs, _ = A.collect_study(messy)
+    with caplog.at_level(logging.WARNING, logger="ablation.collect"):
+        runs, _ = C.collect_study(messy)
     runs = runs.set_index("run_name")
     assert sorted(runs.index[runs["included"]]) == ["none_seed0", "none_seed1", "wd-do-bn-beta-aug_seed0",
                                                     "wd-do-bn-beta-aug_seed1"]
@@ -384,20 +447,20 @@ def test_partial_and_corrupt_runs_are_excluded_with_reasons(messy, caplog):
                        ("none_seed5", "history.csv"), ("none_seed6", "config.yaml"),
                        ("wd-do-bn-beta-aug_seed6", "history.csv")):
         assert str(messy / name / file) in logged
-    table = A.comparison_table(runs.reset_index()).set_index("metric")
+    table = S.comparison_table(runs.reset_index()).set_index("metric")
     assert (table.loc["test_recon", "none_n"], table.loc["test_recon", "all_n"]) == (2, 2)
     assert table.loc["test_recon", "none_mean"] == pytest.approx(100.5)
     assert (table.loc["diverged", "all_mean"], table.loc["diverged", "all_n"]) == (1, 3)
 
 
 def test_report_of_a_messy_study_lists_excluded_runs(messy):
-    assert A.main(["--no-wandb", str(messy)]) == 0
+    assert R.main(["--no-wandb", str(messy)]) == 0
     text = (messy / "report.md").read_text()
     excluded = text[text.index("## Excluded runs"):text.index("## Appendix")]
     for name, (status, reason) in EXPECTED_EXCLUSIONS.items():
         line = next(line for line in excluded.splitlines() if f"`{name}`" in line)
         assert status in line and reason in line
-    runs = A.read_runs_csv(messy / "runs.csv")
+    runs = C.read_runs_csv(messy / "runs.csv")
     assert len(runs) == 4 + len(EXPECTED_EXCLUSIONS) and runs["included"].sum() == 4
 
 
@@ -408,14 +471,14 @@ def test_setting_groups_are_reported_separately(tmp_path):
         write_run(study, ALL, seed, {"test_recon": 90.0 + seed}, settings_hash="1111aaaa1111aaaa")
     for seed in (2, 3):
         write_run(study, NONE, seed, {"test_recon": 500.0 + seed}, settings_hash="2222bbbb2222bbbb")
-    runs, history = A.collect_study(study)
-    groups = dict(A.setting_groups(runs))
+    runs, history = C.collect_study(study)
+    groups = dict(S.setting_groups(runs))
     assert set(groups) == {"1111aaaa1111aaaa", "2222bbbb2222bbbb"}
     R.write_report(study, runs, history)
     text = (study / "report.md").read_text()
     assert "2 setting groups" in text and "never pooled" in text
     assert "## Setting group `1111aaaa`" in text and "## Setting group `2222bbbb`" in text
-    first = A.comparison_table(groups["1111aaaa1111aaaa"]).set_index("metric")
+    first = S.comparison_table(groups["1111aaaa1111aaaa"]).set_index("metric")
     assert first.loc["test_recon", "none_mean"] == pytest.approx(100.5)  # the 500s are not pooled in
     assert (study / "figures" / "1111aaaa_curves.png").is_file()
 
@@ -423,7 +486,7 @@ def test_setting_groups_are_reported_separately(tmp_path):
 def test_no_results_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "nothing"
     empty.mkdir()
-    assert A.main(["--no-wandb", str(empty)]) == 2
+    assert R.main(["--no-wandb", str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no training runs found in") and str(empty) in err
     assert "Traceback" not in err
@@ -431,10 +494,10 @@ def test_no_results_is_a_clear_error(tmp_path, capsys):
 
 def test_study_discovery_from_a_parent(study):
     parent = study.parent
-    assert A.main(["--no-wandb", str(parent)]) == 0  # writes runs.csv and history.csv into the study
-    assert A.find_studies([parent]) == [study]
-    assert A.find_studies([study]) == [study]
-    assert not A.is_run_dir(study)
+    assert R.main(["--no-wandb", str(parent)]) == 0  # writes runs.csv and history.csv into the study
+    assert C.find_studies([parent]) == [study]
+    assert C.find_studies([study]) == [study]
+    assert not C.is_run_dir(study)
 
 
 # ---------------------------------------------------------------------------------------- report rendering
@@ -460,22 +523,22 @@ def check_report(study: Path) -> str:
 
 
 def test_report_files_figures_and_verbatim_table(factorial):
-    assert A.main(["--no-wandb", str(factorial)]) == 0
+    assert R.main(["--no-wandb", str(factorial)]) == 0
     text = check_report(factorial)
     names = {Path(link).name for link in png_links(text)}
     assert names == {"curves.png", "gen_gap.png", "main_effects.png", "heatmap_test_recon.png",
                      "recon_grids.png", "samples.png"}
-    runs = A.read_runs_csv(factorial / "runs.csv")
+    runs = C.read_runs_csv(factorial / "runs.csv")
     assert len(runs) == 64 and runs["included"].all()
-    for _, group in A.setting_groups(runs):
-        assert R.render_comparison_markdown(A.comparison_table(group)) in text
+    for _, group in S.setting_groups(runs):
+        assert R.render_comparison_markdown(S.comparison_table(group)) in text
     assert "| cpu | 4 | 32 | 128 | 128 | 10000 | 2000 | 64 |" in text  # settings from config.yaml
     assert "Two-way interactions" in text and "weight decay:dropout" in text
     history = pd.read_csv(factorial / "history.csv")
     assert len(history) == 64 * EPOCHS
     assert np.allclose(history["test_recon"], 150.0 - history["epoch"])  # the epoch rows, as written
     assert {"run_name", "seed", "settings_hash", *REGULARIZERS, "epoch", "test_recon"} <= set(history.columns)
-    for key in A.METRICS:
+    for key in M.METRICS:
         assert f"`{key}`" in text  # every metric defined in the appendix
 
 
@@ -483,7 +546,7 @@ def test_wandb_report_run_offline(study, tmp_path):
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"),
                         "WANDB_CACHE_DIR": str(tmp_path / "wbc"), "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg"),
                         "WANDB_SILENT": "true"}
-    done = subprocess.run([sys.executable, "-m", "ablation.analysis", str(study)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "ablation.report", str(study)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     runs = list((study / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -493,7 +556,7 @@ def test_wandb_report_run_offline(study, tmp_path):
     rec = read_run(runs[0])
     trained_under = json.loads(next(study.glob("*/metrics.json")).read_text())["study"]  # e.g. res0/main
     assert trained_under.endswith("/main"), "the fixture's runs were trained under a nested study name"
-    assert set(A.read_runs_csv(study / "runs.csv")["study"]) == {trained_under}
+    assert set(C.read_runs_csv(study / "runs.csv")["study"]) == {trained_under}
     assert rec.job_type == "report" and rec.group == trained_under and rec.exit_code == 0, \
         "the report run sits in its training runs' W&B group"
     logged = {k: v for row in rec.history for k, v in row.items() if isinstance(v, dict)}
@@ -516,16 +579,16 @@ def test_end_to_end_from_real_training_runs(tmp_path):
     done = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     study = tmp_path / "results" / "main"
-    done = subprocess.run([sys.executable, "-m", "ablation.analysis", str(study), "--no-wandb"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "ablation.report", str(study), "--no-wandb"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
-    runs = A.read_runs_csv(study / "runs.csv")
+    runs = C.read_runs_csv(study / "runs.csv")
     assert len(runs) == 4 and runs["included"].all() and set(runs["status"]) == {"completed"}
     assert runs[["kl_cv", "kl_max_jump", "loss_volatility"]].notna().all().all()
     text = check_report(study)
-    assert R.render_comparison_markdown(A.comparison_table(runs)) in text
-    table = A.comparison_table(runs).set_index("metric")
+    assert R.render_comparison_markdown(S.comparison_table(runs)) in text
+    table = S.comparison_table(runs).set_index("metric")
     assert (table["none_n"].drop("diverged") == 2).all() and (table["all_n"].drop("diverged") == 2).all()
     assert "| smoke | 3 | 8 | 128 | 128 | 256 | 128 | 4 |" in text
 
@@ -535,7 +598,7 @@ def test_study_with_no_finished_run_still_gets_a_report(tmp_path):
     write_run(study, NONE, 0, status="running")
     (study / "none_seed1").mkdir()
     (study / "none_seed1" / "checkpoint.pt").write_bytes(b"")
-    assert A.main(["--no-wandb", str(study)]) == 0
+    assert R.main(["--no-wandb", str(study)]) == 0
     text = (study / "report.md").read_text()
     assert "No run has finished yet" in text and "`none_seed0`" in text and "`none_seed1`" in text
     assert "<h2" in (study / "report.html").read_text()
@@ -548,20 +611,20 @@ def test_loss_volatility_leaves_out_rows_over_fewer_steps():
     steps = pd.DataFrame({"kind": "step", "step": range(10, 101, 10),
                           "train_loss": [100.0 * math.exp(-0.01 * i + (0.05 if i % 2 else 0.0)) for i in range(10)]})
     ends = pd.Series([25.0, 50.0, 75.0, 100.0])
-    assert A.window_steps(steps, ends).tolist() == [10, 10, 5, 10, 10, 10, 10, 5, 10, 10]
-    assert A.window_steps(steps.assign(window_steps=10), ends).tolist() == [10] * 10, "a recorded window wins"
-    full = steps[A.window_steps(steps, ends).to_numpy() == 10]
+    assert M.window_steps(steps, ends).tolist() == [10, 10, 5, 10, 10, 10, 10, 5, 10, 10]
+    assert M.window_steps(steps.assign(window_steps=10), ends).tolist() == [10] * 10, "a recorded window wins"
+    full = steps[M.window_steps(steps, ends).to_numpy() == 10]
     second = full[full["step"] > 50]["train_loss"].to_numpy()
     expected = float(np.std(np.diff(np.log(second)), ddof=1))
-    assert A.loss_volatility(steps, 100.0, ends) == pytest.approx(expected, rel=1e-12)
-    assert A.loss_volatility(steps.assign(window_steps=10), 100.0, ends) != pytest.approx(expected, rel=1e-6)
+    assert M.loss_volatility(steps, 100.0, ends) == pytest.approx(expected, rel=1e-12)
+    assert M.loss_volatility(steps.assign(window_steps=10), 100.0, ends) != pytest.approx(expected, rel=1e-6)
 
 
 def test_welch_makes_no_test_when_neither_side_varies():
     words = ("Lower", "Higher")
-    assert A.welch_verdict(pd.Series([20.0] * 3), pd.Series([19.0] * 3), words)[1] == \
+    assert S.welch_verdict(pd.Series([20.0] * 3), pd.Series([19.0] * 3), words)[1] == \
         "no test (no seed-to-seed variance)", "a t-test would call any difference of two constants significant"
-    p, verdict = A.welch_verdict(pd.Series([20.0, 20.5, 19.5]), pd.Series([10.0, 10.5, 9.5]), words)
+    p, verdict = S.welch_verdict(pd.Series([20.0, 20.5, 19.5]), pd.Series([10.0, 10.5, 9.5]), words)
     assert verdict == "Lower" and p == pytest.approx(stats.ttest_ind([10, 10.5, 9.5], [20, 20.5, 19.5],
                                                                      equal_var=False).pvalue)
 

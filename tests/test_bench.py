@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ablation import allocator, bench
+from ablation.bench import cli, loops
+from ablation.bench.peak import add_peak_samples, gemm_peak_gflops
+from ablation.model import Dropout, build_model
+from ablation.runtime import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
-GLIBC = allocator.is_glibc()
 LOOPS = ("suite", "seed_style", "model_step", "seed_step", "eval")
 
 
@@ -44,8 +46,6 @@ def test_tiny_bench_measures_every_loop(tiny):
     assert peak["gflops"] == peak["kernels"][peak["kernel"]]["gflops"]
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["threads"] >= 1 and machine["torch"] and machine["cpu"]
-    if GLIBC:  # the bench process keeps its freed memory, as a training run does
-        assert machine["malloc"]["trim_threshold"] == 1 << 30 and machine["malloc"]["mmap_threshold"] > 0
     for width in result["widths"].values():
         assert width["images"] > 0 and width["eval_images"] > 0
         assert width["seed_style_same_images"] is True
@@ -69,8 +69,6 @@ def test_tiny_bench_measures_every_loop(tiny):
 
 
 def test_tiny_bench_runs_the_suites_loops_in_bf16_where_the_cpu_has_it(tmp_path):
-    from ablation.train import cpu_has_native_bf16
-
     if not cpu_has_native_bf16():
         env = {k: v for k, v in os.environ.items() if k not in ("ABLATION_DATA", "ABLATION_RESULTS")}
         proc = subprocess.run([sys.executable, "-m", "ablation.bench", "--tiny", "--no-rss", "--device", "cpu",
@@ -96,11 +94,11 @@ def test_tiny_bench_runs_the_suites_loops_in_bf16_where_the_cpu_has_it(tmp_path)
 
 
 def test_gemm_peak_merges_later_samples_per_kernel():
-    peak = bench.gemm_peak_gflops(torch.device("cpu"), 64, reps=2)
+    peak = gemm_peak_gflops(torch.device("cpu"), 64, reps=2)
     assert peak["n"] == 64 and peak["dtype"] == "float32"
     assert all(len(k["samples_gflops"]) == 2 for k in peak["kernels"].values())
     fast = {"kernels": {"mm": {"gflops": 1e9, "samples_gflops": [1.0, 1e9]}}}
-    bench.add_peak_samples(peak, fast)
+    add_peak_samples(peak, fast)
     assert peak["kernel"] == "mm" and peak["gflops"] == 1e9
     assert len(peak["kernels"]["mm"]["samples_gflops"]) == 4
     assert len(peak["samples_gflops"]) == sum(len(k["samples_gflops"]) for k in peak["kernels"].values())
@@ -116,9 +114,7 @@ def test_tiny_bench_writes_the_markdown_table(tiny):
 
 
 def test_tiny_bench_measures_peak_rss(tmp_path):
-    result = _run_bench(tmp_path / "bench.json", "--warmup", "0", "--no-reuse-memory")
-    assert result["machine"]["malloc"] is None and "trainer.reuse_memory=false" in result["settings"]["overrides"]
-    assert "C library allocator defaults" in (tmp_path / "bench.md").read_text()
+    result = _run_bench(tmp_path / "bench.json", "--warmup", "0")
     rss = result["rss"]
     assert rss["returncode"] == 0, rss.get("error")
     assert rss["budget"] == "smoke"
@@ -130,29 +126,27 @@ def test_tiny_bench_measures_peak_rss(tmp_path):
 
 
 def test_cli_defaults():
-    args = bench.parse_args([])
+    args = cli.parse_args([])
     assert args.widths == [32, 128] and args.repeats == 3 and args.rss and not args.sweep and not args.tiny
     assert args.out == Path("results/bench/bench.json") and args.device == "auto"
-    assert bench.default_images(32) == 2048 and bench.default_images(128) == 512
-    tiny = bench.parse_args(["--tiny", "--no-rss"])
+    assert cli.default_images(32) == 2048 and cli.default_images(128) == 512
+    tiny = cli.parse_args(["--tiny", "--no-rss"])
     assert tiny.widths == [8] and tiny.repeats == 1 and not tiny.rss
     with pytest.raises(SystemExit):
-        bench.parse_args(["--repeats", "0"])
+        cli.parse_args(["--repeats", "0"])
 
 
 def test_override_values_are_quoted_only_when_needed():
-    assert bench._override_value("/data/cifar10-jpg.tar.gz") == "/data/cifar10-jpg.tar.gz"
-    assert bench._override_value("/my data/x,y") == "'/my data/x,y'"
+    assert cli._override_value("/data/cifar10-jpg.tar.gz") == "/data/cifar10-jpg.tar.gz"
+    assert cli._override_value("/my data/x,y") == "'/my data/x,y'"
 
 
 def test_seed_model_is_the_suite_architecture_with_stock_layers():
     """The seed-style loops run the same weights; only dropout is torch's own, in the default layout."""
-    from ablation.model import Dropout, build_model
-
-    cfg = bench.compose_config(["regularizer=all", "logger=none", "model.width=8"])
+    cfg = cli.compose_config(["regularizer=all", "logger=none", "model.width=8"])
     torch.manual_seed(cfg.seed)
     suite = build_model(cfg, 32)
-    seed = bench.seed_model(cfg, 32, 3)
+    seed = loops.seed_model(cfg, 32, 3)
     stock = [m for m in seed.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(stock) == 6 and all(type(m) is torch.nn.Dropout and m.p == 0.3 for m in stock)
     assert not any(isinstance(m, Dropout) for m in seed.modules())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ablation.analysis import (NotEstimable, comparison_table, has_comparison, main_effects, read_runs_csv,
-                               setting_groups)
+from ablation.collect import read_runs_csv
 from ablation.report import render_comparison_markdown, render_effects_markdown
+from ablation.stats import NotEstimable, comparison_table, has_comparison, main_effects, setting_groups
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COMMITTED = sorted(p.parent for p in RESULTS.rglob("runs.csv") if (p.parent / "report.md").exists())
@@ -63,7 +63,7 @@ def test_readme_results_match_the_committed_reports():
 def test_readme_benchmark_tables_are_the_committed_bench():
     """The README's benchmark tables are results/bench/bench.md's, row for row."""
     bench_md = (RESULTS / "bench" / "bench.md").read_text()
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = (RESULTS.parent / "docs" / "benchmark.md").read_text()
     rows = [line for line in bench_md.splitlines() if line.startswith("|")]
     assert len(rows) > 10
     for row in rows:
@@ -77,7 +77,7 @@ def test_readme_bf16_checks_are_the_committed_bf16_bench():
     bench = json.loads((RESULTS / "bench" / "bf16" / "bench.json").read_text())
     assert bench["settings"]["precision"] == "bf16"
     bench_md = (RESULTS / "bench" / "bf16" / "bench.md").read_text()
-    readme = (RESULTS.parent / "README.md").read_text()
+    readme = (RESULTS.parent / "docs" / "benchmark.md").read_text()
     checks = bench_md.split("| check |", 1)[1].split("\n\n", 1)[0]
     rows = [line for line in checks.splitlines()[2:] if line.startswith("|")]
     assert len(rows) >= 8

@@ -1,6 +1,7 @@
 """Every config group option and preset composes and resolves to the documented values."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -8,9 +9,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ablation import config as C
-from ablation.config import REGULARIZERS
+from ablation import regularizers as R
+from ablation.runtime import Runtime, cpu_has_native_bf16, resolve_precision
 
-# The table of the README: (group, option) -> values under that group's node.
+REGULARIZERS = R.names()
+
+# The table of the README: (group, option) -> the values a run uses under that group.
 TABLE = {
     ("weight_decay", "off"): {"enabled": False, "value": 0.0},
     ("weight_decay", "on"): {"enabled": True, "value": 1e-4},
@@ -28,7 +32,7 @@ TABLE = {
 @pytest.mark.parametrize("group,option", sorted(TABLE))
 def test_group_option_resolves_to_table(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
-    assert OmegaConf.to_container(cfg[group]) == TABLE[(group, option)]
+    assert dataclasses.asdict(getattr(R.effective(cfg), group)) == TABLE[(group, option)]
     for other in REGULARIZERS:
         if other != group:
             assert cfg[other].enabled is False, "the other groups default to off"
@@ -53,17 +57,17 @@ def test_twelve_presets_exist():
 @pytest.mark.parametrize("preset,active", PRESETS, ids=[p for p, _ in PRESETS])
 def test_preset_sets_all_five(compose_cfg, preset, active):
     cfg = compose_cfg(f"regularizer={preset}")
-    assert C.flags(cfg) == {r: r in active for r in REGULARIZERS}
+    assert R.flags(cfg) == {r: r in active for r in REGULARIZERS}
     for r in REGULARIZERS:
-        assert OmegaConf.to_container(cfg[r]) == TABLE[(r, "on" if r in active else "off")]
+        assert dataclasses.asdict(getattr(R.effective(cfg), r)) == TABLE[(r, "on" if r in active else "off")]
 
 
 def test_command_line_group_wins_over_preset(compose_cfg):
     cfg = compose_cfg("regularizer=all", "dropout=off", "beta=off")
-    assert C.flags(cfg) == {"weight_decay": True, "dropout": False, "batchnorm": True, "beta": False,
+    assert R.flags(cfg) == {"weight_decay": True, "dropout": False, "batchnorm": True, "beta": False,
                             "augmentation": True}
     cfg = compose_cfg("regularizer=none", "batchnorm=on")
-    assert C.flags(cfg)["batchnorm"] is True and sum(C.flags(cfg).values()) == 1
+    assert R.flags(cfg)["batchnorm"] is True and sum(R.flags(cfg).values()) == 1
 
 
 def test_quoted_on_off_everywhere():
@@ -182,8 +186,6 @@ def test_config_hash_ignores_logging_but_not_settings(compose_cfg):
 def test_precision_resolves_per_device_and_refuses_emulated_bf16(compose_cfg):
     import torch
 
-    from ablation.train import choose_precision, resolve_precision
-
     cpu = torch.device("cpu")
     cfg = compose_cfg("budget=smoke", "trainer.precision=bf16", "trainer.compile=true")  # the flags compose
     assert cfg.trainer.precision == "bf16" and cfg.trainer.compile is True
@@ -196,19 +198,18 @@ def test_precision_resolves_per_device_and_refuses_emulated_bf16(compose_cfg):
         resolve_precision("bf16", cpu, native_bf16=False)
     assert "needs bf16 instructions" in str(info.value) and "AVX512-BF16 or AMX" in str(info.value)
     assert "use trainer.precision=fp32" in str(info.value)
-    assert choose_precision("auto", cpu) is None and choose_precision("fp32", cpu) is None
+    assert Runtime(cpu, resolve_precision("auto", cpu), 1).autocast_factory is None
+    assert Runtime(cpu, resolve_precision("fp32", cpu), 1).autocast_factory is None
 
 
 def test_bf16_on_a_cpu_with_bf16_runs_the_convolutions_in_bf16():
     import torch
 
-    from ablation.train import choose_precision, cpu_has_native_bf16
-
     if not cpu_has_native_bf16():
         with pytest.raises(C.ConfigError, match="needs bf16 instructions"):
-            choose_precision("bf16", torch.device("cpu"))
+            resolve_precision("bf16", torch.device("cpu"))
         return
-    autocast = choose_precision("bf16", torch.device("cpu"))
+    autocast = Runtime(torch.device("cpu"), resolve_precision("bf16", torch.device("cpu")), 1).autocast_factory
     conv = torch.nn.Conv2d(3, 4, 3)
     with autocast():
         y = conv(torch.rand(2, 3, 8, 8))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from ablation.config import flags
+from ablation.regularizers import flags
 from ablation.data import ImageData, TrainBatches, eval_batches, to_unit_range
 from ablation.evaluate import evaluate
-from ablation.model import VAE, build_model
+from ablation.model import VAE, VAEConfig, build_model
 from ablation.objective import kl_per_image, vae_loss
 from ablation.trainer import RunSettings, Trainer, make_optimizer
 from ablation.wandb_logger import NullLogger
@@ -43,7 +43,7 @@ def test_default_model_is_the_seed_architecture():
 
 
 def test_shapes_follow_width_and_image_size():
-    m = VAE(image_size=64, width=8, latent_dim=16)
+    m = VAE(VAEConfig(image_size=64, width=8, latent_dim=16))
     x = torch.randn(2, 3, 64, 64)
     x_hat, mu, logvar = m(x)
     assert x_hat.shape == x.shape and mu.shape == logvar.shape == (2, 16)
@@ -52,7 +52,7 @@ def test_shapes_follow_width_and_image_size():
 
 
 def test_reparameterisation_uses_noise_scale():
-    m = VAE(width=4, latent_dim=8, noise_scale=0.0)
+    m = VAE(VAEConfig(width=4, latent_dim=8, noise_scale=0.0))
     mu, logvar = torch.randn(5, 8), torch.zeros(5, 8)
     assert torch.equal(m.reparameterize(mu, logvar), mu)
     m.noise_scale = 1.0
@@ -90,7 +90,7 @@ def test_batchnorm_switch(compose_cfg):
 
 
 def test_weight_decay_switch(compose_cfg):
-    model = VAE(width=4, latent_dim=4)
+    model = VAE(VAEConfig(width=4, latent_dim=4))
     for option, wd in (("off", 0.0), ("on", 1e-4)):
         s = RunSettings.from_cfg(compose_cfg("budget=smoke", f"weight_decay={option}"))
         opt = make_optimizer(model, s)
@@ -227,7 +227,7 @@ def test_evaluation_folds_batchnorm_without_changing_the_model_or_its_numbers(ba
     from ablation.evaluate import evaluate, inference_copy
 
     torch.manual_seed(0)
-    model = VAE(width=8, latent_dim=16, dropout=0.3, batchnorm=batchnorm).to(memory_format=torch.channels_last)
+    model = VAE(VAEConfig(width=8, latent_dim=16, dropout=0.3, batchnorm=batchnorm)).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.rand(32, 3, 32, 32) * 2 - 1
     for _ in range(3):  # move the BN statistics and affine parameters away from their initial values

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ablation.runio import RunLockedError, atomic_write, atomic_write_text, run_lock
+from ablation.rundir import RunDir, RunLockedError, State, run_lock
+from ablation.runio import atomic_write, atomic_write_text
 from conftest import ROOT, train
 from wandb_records import read_run
 
@@ -75,22 +76,27 @@ def test_config_hash_mismatch_is_refused_unless_overwrite(env):
     assert new["config_hash"] != old["config_hash"]
 
 
+def fault(env: dict, spec: str) -> dict:
+    """`env` with tests/faults/sitecustomize.py loaded: ABLATION_FAULT=<kind>:<seed> (see there)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "tests" / "faults"), env.get("PYTHONPATH")) if p)
+    return env | {"PYTHONPATH": path, "ABLATION_FAULT": spec}
+
+
 def test_divergence_is_recorded_and_the_sweep_goes_on(env):
-    proc = train("-m", "trainer.fault=nan_loss,null", "hydra.sweep.subdir=${run_name}_job${hydra.job.num}",
-                 env=env)
+    env = fault(env, "nan_loss:0")
+    proc = train("-m", "seed=0,1", env=env)
     study = Path(env["ABLATION_RESULTS"]) / "main"
-    bad, good = metrics(study / "none_seed0_job0"), metrics(study / "none_seed0_job1")
+    bad, good = metrics(study / "none_seed0"), metrics(study / "none_seed1")
     assert bad["status"] == "diverged" and bad["diverged_epoch"] == 1 and bad["diverged_step"] == 1
     assert good["status"] == "completed"
-    h = pd.read_csv(study / "none_seed0_job0" / "history.csv")
+    h = pd.read_csv(study / "none_seed0" / "history.csv")
     assert h[h.kind == "diverged"][["epoch", "step"]].values.tolist() == [[1, 1]]
     assert "diverged" in proc.stdout + proc.stderr
     # a rerun keeps the diverged run as the result it is, instead of training it again
-    again = train("-m", "trainer.fault=nan_loss,null", "hydra.sweep.subdir=${run_name}_job${hydra.job.num}",
-                  env=env)
+    again = train("-m", "seed=0,1", env=env)
     assert "none_seed0: skipped (diverged" in again.stdout + again.stderr
-    assert "none_seed0: skipped (completed" in again.stdout + again.stderr
-    assert metrics(study / "none_seed0_job0") == bad
+    assert "none_seed1: skipped (completed" in again.stdout + again.stderr
+    assert metrics(study / "none_seed0") == bad
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
@@ -111,11 +117,11 @@ def test_process_launchers_run_a_two_run_sweep(env, launcher):
 
 
 def test_a_failing_job_is_recorded_and_the_joblib_sweep_completes(env):
-    proc = train("-m", "hydra/launcher=joblib", "trainer.fault=raise,null", "trainer.epochs=1",
-                 "hydra.sweep.subdir=${run_name}_job${hydra.job.num}", env=env, check=False, timeout=600)
+    proc = train("-m", "hydra/launcher=joblib", "seed=0,1", "trainer.epochs=1", env=fault(env, "raise:0"),
+                 check=False, timeout=600)
     assert proc.returncode == 1, "a multirun with a failed job exits 1 after all jobs ran"
     study = Path(env["ABLATION_RESULTS"]) / "main"
-    failed, ok = metrics(study / "none_seed0_job0"), metrics(study / "none_seed0_job1")
+    failed, ok = metrics(study / "none_seed0"), metrics(study / "none_seed1")
     assert failed["status"] == "failed" and "injected fault" in failed["error"]
     assert ok["status"] == "completed"
 
@@ -134,7 +140,7 @@ def test_slurm_launcher_composes_with_its_settings(env):
 
 HOLD_LOCK = """
 import sys, time
-from ablation.runio import run_lock
+from ablation.rundir import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -187,7 +193,7 @@ def test_a_stale_lock_naming_a_reused_pid_is_taken_over(tmp_path):
 RACE_TAKER = """
 import errno, os, sys, time
 from pathlib import Path
-from ablation.runio import RunLockedError, run_lock
+from ablation.rundir import RunLockedError, run_lock
 run_dir, work, takers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 if sys.argv[5] == "no hard links":  # as on vfat or some SMB mounts: os.link fails with EPERM
     def link(src, dst):
@@ -240,7 +246,7 @@ def test_processes_racing_for_stale_locks_never_both_win(tmp_path, filesystem):
 
 FORKING_HOLDER = """
 import os, sys, time
-from ablation.runio import run_lock
+from ablation.rundir import run_lock
 with run_lock(sys.argv[1]):
     child = os.fork()  # without exec, like a fork-started worker process
     if child == 0:
@@ -299,19 +305,11 @@ def test_two_processes_never_share_a_run_directory(env):
         holder.wait()
 
 
-def test_an_empty_lock_is_held_until_it_is_older_than_the_grace_period(tmp_path):
-    """An empty lock is another job between creating and writing it, unless it is old."""
+def test_an_empty_lock_file_nobody_holds_is_taken_over(tmp_path):
+    """Only the flock decides whether a lock on this host is held: an empty file left by a crash is not."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    lock = run_dir / "run.lock"
-    lock.write_text("")
-    with pytest.raises(RunLockedError, match="no readable holder"):
-        with run_lock(run_dir):
-            pass
-    assert lock.exists() and lock.read_text() == "", "a fresh empty lock is left alone"
-    # Two minutes old: only a crash mid-write leaves one so; it is taken over, then released.
-    old = time.time() - 120
-    os.utime(lock, (old, old))
+    (run_dir / "run.lock").write_text("")
     assert_taken_over(run_dir)
 
 
@@ -382,15 +380,14 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_a_checkpoint_alone_names_its_config(tmp_path):
     """Without a readable metrics.json, the checkpoint's config hash decides: resume or refuse."""
     from ablation.config import ConfigError
-    from ablation.train import _existing_state
 
     torch.save({"config_hash": "aaaa", "epoch": 1}, tmp_path / "checkpoint.pt")
-    assert _existing_state(tmp_path, "aaaa", overwrite=False) == "resume"
+    assert RunDir(tmp_path).state("aaaa") is State.INTERRUPTED
     with pytest.raises(ConfigError, match="different config"):
-        _existing_state(tmp_path, "bbbb", overwrite=False)
+        RunDir(tmp_path).state("bbbb")
     (tmp_path / "metrics.json").write_text("{truncated")
     with pytest.raises(ConfigError, match="different config"):
-        _existing_state(tmp_path, "bbbb", overwrite=False)
+        RunDir(tmp_path).state("bbbb")
 
 
 def test_parallel_runs_take_different_gpus_while_one_is_free(tmp_path):

@@ -142,7 +142,7 @@ def test_compile_is_refused_on_cpu(env):
 
 
 def test_bf16_on_cpu_trains_where_the_cpu_has_bf16_and_is_refused_elsewhere(env):
-    from ablation.train import cpu_has_native_bf16
+    from ablation.runtime import cpu_has_native_bf16
 
     native = cpu_has_native_bf16()
     proc = train("trainer.precision=bf16", "trainer.device=cpu", "regularizer=all", "trainer.compile=false",

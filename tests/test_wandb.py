@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from ablation import wandb_logger
-from ablation.config import REGULARIZERS
+from ablation.regularizers import names
 from ablation.synthetic import make_imagefolder
 from wandb_records import offline_run_dirs, read_run, records
 
@@ -144,8 +144,8 @@ def test_run_identity_and_config(study, key):
     assert rec.project == "vae-ablation"
     assert rec.run_id == f"{STUDY}-{run_dir.name}-{metrics['config_hash'][:8]}"
     on = key == "all"
-    assert rec.tags == (list(REGULARIZERS) if on else ["none"])
-    for reg in REGULARIZERS:  # the five flags as top-level booleans, beside the groups' own settings
+    assert rec.tags == (list(names()) if on else ["none"])
+    for reg in names():  # the five flags as top-level booleans, beside the groups' own settings
         assert rec.config[f"reg_{reg}"] is on, (reg, rec.config[f"reg_{reg}"])
         assert rec.config[reg]["enabled"] is on
         assert metrics[f"reg_{reg}"] is on
@@ -319,14 +319,17 @@ def test_resolve_mode_auto_with_netrc_login(clean_env, tmp_path):
 
 # ---------------------------------------------------------------------------------- failures
 
+# tests/faults/sitecustomize.py makes the run of the seed in ABLATION_FAULT fail (see there)
+FAULT = {"PYTHONPATH": str(ROOT / "tests" / "faults")}
+
 def test_raising_run_is_recorded_as_failed(tmp_path, wb_env):
     results = tmp_path / "results"
-    proc = train(results, "study=fault", "trainer.fault=raise", env=wb_env, check=False, WANDB_MODE="offline")
+    proc = train(results, "study=fault", env=wb_env, check=False, WANDB_MODE="offline", **FAULT, ABLATION_FAULT="raise:0")
     assert proc.returncode != 0 and "injected fault" in proc.stderr
     run_dir = results / "fault" / RUNS["none"]
     metrics = metrics_of(run_dir)
     assert metrics["status"] == "failed"
-    assert metrics["error"] == "RuntimeError: injected fault (trainer.fault=raise) at epoch 1"
+    assert metrics["error"] == "RuntimeError: injected fault (ABLATION_FAULT=raise:0) at epoch 1"
     rec = one_offline_run(run_dir)
     assert rec.exit_code is not None and rec.exit_code != 0
     assert rec.summary["status"] == "failed" and rec.summary["error"] == metrics["error"]
@@ -347,7 +350,7 @@ def test_a_run_whose_wandb_cannot_start_is_recorded_as_failed(tmp_path, wb_env):
 
 def test_diverged_run_is_recorded_as_diverged(tmp_path, wb_env):
     results = tmp_path / "results"
-    train(results, "study=fault", "trainer.fault=nan_loss", env=wb_env, WANDB_MODE="offline")  # a result: exit 0
+    train(results, "study=fault", env=wb_env, WANDB_MODE="offline", **FAULT, ABLATION_FAULT="nan_loss:0")  # exit 0
     run_dir = results / "fault" / RUNS["none"]
     metrics = metrics_of(run_dir)
     assert metrics["status"] == "diverged" and metrics["error"] == "non-finite loss at epoch 1, step 1"
