@@ -53,6 +53,7 @@ class DataConfig:
     train_size: Optional[int] = II("budget.train_size")  # class-stratified subset; null = all
     test_size: Optional[int] = II("budget.test_size")  # class-stratified subset; null = all
     subset_seed: int = 0  # fixes which images the subsets hold (same for every run)
+    val_size: Optional[int] = None  # class-stratified validation images carved from the training set; null = none
 
 
 @dataclass
@@ -73,6 +74,19 @@ class TrainerConfig:
     log_interval: int = 10  # steps between step-level history rows; with W&B, the smaller of this and logger.log_interval
     image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
     checkpoint: bool = True  # save a resumable checkpoint after every epoch
+
+
+@dataclass
+class EvalConfig:
+    """The end-of-run measures beyond the per-epoch evaluation (ablation/measures.py)."""
+
+    iw_samples: int = 64  # importance samples per image of the likelihood bound
+    iw_images: Optional[int] = 2000  # test images the bound is computed on (class-stratified); null = all
+    sample_images: int = 5000  # prior samples for sample quality (FD, KID, precision/recall) and sharpness
+    classifier_epochs: int = 15  # epochs of the suite's CIFAR classifier (trained once per dataset, cached)
+    inception_weights: Optional[str] = None  # local Inception-v3 weights file for FID/KID; null = not computed
+    spike_k: float = 5.0  # a loss or KL spike: a step row above its rolling median + spike_k * rolling MAD
+    spike_window: int = 25  # step rows in the rolling window of the spike detector
 
 
 @dataclass
@@ -100,6 +114,7 @@ class BaseConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -167,9 +182,19 @@ def validate(cfg: DictConfig) -> None:
         (cfg.logger.mode in ("auto", "online", "offline", "disabled"),
          f"logger.mode={cfg.logger.mode!r} is not one of auto, online, offline, disabled"),
     ]
-    for size in ("train_size", "test_size"):
+    checks += [
+        (cfg.eval.iw_samples >= 1, f"eval.iw_samples={cfg.eval.iw_samples} must be >= 1 (e.g. eval.iw_samples=64)"),
+        (cfg.eval.sample_images >= 2, f"eval.sample_images={cfg.eval.sample_images} must be >= 2"),
+        (cfg.eval.classifier_epochs >= 1, f"eval.classifier_epochs={cfg.eval.classifier_epochs} must be >= 1"),
+        (cfg.eval.spike_k > 0, f"eval.spike_k={cfg.eval.spike_k} must be > 0 (e.g. eval.spike_k=5)"),
+        (cfg.eval.spike_window >= 3, f"eval.spike_window={cfg.eval.spike_window} must be >= 3"),
+    ]
+    for size in ("train_size", "test_size", "val_size"):
         value = cfg.data[size]
-        checks.append((value is None or value >= 1, f"data.{size}={value} must be >= 1, or null for the whole split"))
+        checks.append((value is None or value >= 1, f"data.{size}={value} must be >= 1, or null "
+                                                    f"({'none' if size == 'val_size' else 'the whole split'})"))
+    iw = cfg.eval.iw_images
+    checks.append((iw is None or iw >= 1, f"eval.iw_images={iw} must be >= 1, or null for every test image"))
     errors = [message for ok, message in checks if not ok]
     if errors:
         raise ConfigError("Invalid configuration: " + "; ".join(errors) + ".")
