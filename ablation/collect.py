@@ -13,6 +13,8 @@ The regularizer columns are those registered in ablation.regularizers when a fun
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 from pathlib import Path
@@ -21,12 +23,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from . import regularizers as R
-from .metrics import DERIVED_METRICS, FINAL_METRICS, derived_metrics
+from .config import EvalConfig
+from .metrics import CORE_METRICS, DERIVED_METRICS, FINAL_METRICS, derived_metrics
 from .runio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("budget", "epochs", "width", "latent_dim", "batch_size", "train_size", "test_size")
+SETTINGS = ("budget", "epochs", "width", "latent_dim", "batch_size", "train_size", "test_size", "lr")
 EPOCH_COLUMNS = ("epoch", "step", "train_loss", "train_recon", "train_kl", "test_recon", "test_kl",
                  "trainsub_recon", "gen_gap")
 STEP_COLUMNS = ("epoch", "step", "train_loss")
@@ -34,11 +37,18 @@ RUN_MARKERS = ("metrics.json", "checkpoint.pt", "history.csv")
 TEXT_COLUMNS = ("study", "run_name", "combo", "settings_hash", "status", "excluded_reason", "budget", "error")
 
 
+def strength_columns() -> tuple[str, ...]:
+    """`<group>_<field>` for each registered regularizer's numeric settings (its effective strength,
+    e.g. beta_value, dropout_p): the dose-response figure's x axes."""
+    return tuple(f"{r.group}_{f.name}" for r in R.REGISTRY.values() for f in dataclasses.fields(r.schema)
+                 if f.name != "enabled" and f.type in ("float", "int", float, int))
+
+
 def run_columns() -> tuple[str, ...]:
     """The columns of runs.csv, with one flag column per registered regularizer."""
     return ("study", "run_name", "combo", "seed", "settings_hash", *R.names(), "status", "included",
-            "excluded_reason", *SETTINGS, *FINAL_METRICS, *DERIVED_METRICS, "diverged_epoch", "diverged_step",
-            "error")
+            "excluded_reason", *SETTINGS, *strength_columns(), *FINAL_METRICS, *DERIVED_METRICS, "diverged_epoch",
+            "diverged_step", "error")
 
 
 class RunFileError(Exception):
@@ -134,15 +144,21 @@ def read_history(path: Path) -> pd.DataFrame:
 
 
 def read_settings(path: Path) -> dict:
-    """Settings, flags and seed from a run's resolved config.yaml; RunFileError when missing or corrupt."""
+    """Settings, flags and seed from a run's resolved config.yaml, and the spike detector's eval.spike_k and
+    eval.spike_window for derived_metrics (EvalConfig's defaults for a config without them); RunFileError when
+    missing or corrupt."""
     if not path.is_file():
         raise RunFileError(f"{path.name} missing")
     try:
         cfg = OmegaConf.load(path)
         return {"budget": cfg.budget.name, "epochs": cfg.trainer.epochs, "width": cfg.model.width,
                 "latent_dim": cfg.model.latent_dim, "batch_size": cfg.trainer.batch_size,
-                "train_size": cfg.data.train_size, "test_size": cfg.data.test_size, "seed": cfg.seed,
-                **R.flags(cfg)}
+                "train_size": cfg.data.train_size, "test_size": cfg.data.test_size, "lr": OmegaConf.select(cfg, "optim.lr"),
+                "seed": cfg.seed,
+                "spike_k": OmegaConf.select(cfg, "eval.spike_k", default=EvalConfig.spike_k),
+                "spike_window": OmegaConf.select(cfg, "eval.spike_window", default=EvalConfig.spike_window),
+                **R.flags(cfg), **{f"{g}_{k}": v for g, d in R.effective_dict(cfg).items() for k, v in d.items()
+                                   if f"{g}_{k}" in strength_columns()}}
     except Exception as exc:  # YAML errors and missing keys alike: the file is not a run config
         raise RunFileError(f"{path.name} unreadable: {type(exc).__name__}: {exc}") from None
 
@@ -164,7 +180,7 @@ def _status_reason(metrics: dict) -> str:
 
 def _completed_problems(metrics: dict, history: pd.DataFrame | None) -> list[str]:
     """Inconsistencies that keep a completed run out of the statistics."""
-    problems = [f"metrics.json lacks {k}" for k in ("settings_hash", *FINAL_METRICS) if k not in metrics]
+    problems = [f"metrics.json lacks {k}" for k in ("settings_hash", *CORE_METRICS) if k not in metrics]
     if history is not None:
         n_epochs = int((history["kind"] == "epoch").sum())
         if n_epochs == 0 or ("epochs_completed" in metrics and n_epochs != metrics["epochs_completed"]):
@@ -229,11 +245,11 @@ def collect_run(run_dir: Path, study: str) -> tuple[dict, pd.DataFrame | None]:
     known_flags = all(r in identity for r in regularizers)
     columns = run_columns()
     row = dict.fromkeys(columns) | {k: metrics[k] for k in columns if k in metrics}
-    row |= {k: identity.get(k) for k in ("seed", *SETTINGS, *regularizers)}
+    row |= {k: identity.get(k) for k in ("seed", *SETTINGS, *strength_columns(), *regularizers)}
     row |= {"study": metrics.get("study") or study, "run_name": run_dir.name, "status": status, "included": not reason,
             "excluded_reason": reason or None, "combo": R.combo_name(identity) if known_flags else None}
     if not reason:
-        row |= derived_metrics(history)
+        row |= derived_metrics(history, settings["spike_k"], settings["spike_window"])
     return row, history
 
 

@@ -73,7 +73,11 @@ class TrainerConfig:
     threads: int = 0  # torch CPU threads; 0 = cores / parallel jobs of the launcher
     log_interval: int = 10  # steps between step-level history rows; with W&B, the smaller of this and logger.log_interval
     image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
-    checkpoint: bool = True  # save a resumable checkpoint after every epoch
+    checkpoint: bool = True  # save resumable checkpoints (at epoch ends, see checkpoint_every_s)
+    checkpoint_every_s: float = 120.0  # least seconds between two checkpoints; 0 = after every epoch
+    # Unix time by which the run stops cleanly between epochs with a checkpoint (a rerun resumes it);
+    # a run that its study's finished runs say would not end before it does not start. null = none.
+    deadline: Optional[float] = "${oc.env:ABLATION_DEADLINE,null}"
 
 
 @dataclass
@@ -85,7 +89,7 @@ class EvalConfig:
     sample_images: int = 5000  # prior samples for sample quality (FD, KID, precision/recall) and sharpness
     classifier_epochs: int = 15  # epochs of the suite's CIFAR classifier (trained once per dataset, cached)
     inception_weights: Optional[str] = None  # local Inception-v3 weights file for FID/KID; null = not computed
-    spike_k: float = 5.0  # a loss or KL spike: a step row above its rolling median + spike_k * rolling MAD
+    spike_k: float = 5.0  # a loss or KL spike: a step row above its rolling median + spike_k * noise (metrics.py)
     spike_window: int = 25  # step rows in the rolling window of the spike detector
 
 
@@ -206,9 +210,10 @@ def _hash(container: dict) -> str:
 
 
 # Fields that never change what a run computes: where it is written, how it is logged (but
-# see step_row_interval), whether an old directory may be replaced, how many CPU threads it uses.
+# see step_row_interval), whether an old directory may be replaced, how many CPU threads it uses, when
+# it checkpoints and by when it must stop.
 _NOT_HASHED = ("logger", "overwrite", "results_dir", "study", "run_name")
-_NOT_HASHED_TRAINER = ("threads",)
+_NOT_HASHED_TRAINER = ("threads", "checkpoint_every_s", "deadline")
 
 
 def step_row_interval(cfg: DictConfig) -> int:

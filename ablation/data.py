@@ -105,6 +105,29 @@ def subset(data: ImageData, train_size: int | None, test_size: int | None, seed:
     return ImageData(data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te], data.classes)
 
 
+def split_validation(data: ImageData, val_size: int | None,
+                     seed: int) -> tuple[ImageData, torch.Tensor | None, torch.Tensor | None]:
+    """(data without the validation images, val_x, val_y): `val_size` class-stratified training images
+    (`stratified_indices` with `seed`) taken out of the training set, in their original order.
+
+    With val_size None, `data` itself and no validation images: training is left as it was.
+    """
+    if val_size is None:
+        return data, None, None
+    n = data.train_y.numel()
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} would leave none of the {n} training images to train on; "
+                        f"use fewer validation images, or data.val_size=null for no validation split.")
+    val = stratified_indices(data.train_y, val_size, seed)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    train = torch.nonzero(keep).flatten()
+    x_dev, y_dev = data.train_x.device, data.train_y.device
+    rest = ImageData(data.train_x[train.to(x_dev)], data.train_y[train.to(y_dev)], data.test_x, data.test_y,
+                     data.classes)
+    return rest, data.train_x[val.to(x_dev)], data.train_y[val.to(y_dev)]
+
+
 # ----------------------------------------------------------------------------- loading
 
 

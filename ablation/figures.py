@@ -1,14 +1,23 @@
 """Figures of a study's report: PNG files written atomically under results/<study>/figures/.
 
-    curves          per-epoch train and test recon and KL, regularizer=none vs all, ±1 sd band over seeds
+    curves          eval-mode test and train-subset recon (log scale, and the last half zoomed) and KL per
+                    epoch, regularizer=none vs all, mean over seeds with a ±1 sd band when an arm has several
     gen_gap         generalization gap (test minus train-subset recon) over epochs, none vs all
+    rate_distortion test KL against recon (recon_mean where measured, else test_recon), one point per run
+    kl_spectrum     each run's per-dimension KL (metrics.json `kl_spectrum`), when the run directories are there
+    dose_<group>_<field>  a metric against a regularizer's strength, when a strength was swept
     main_effects    each regularizer's main effect on the key metrics, with 95% CIs (when estimable)
     heatmap         mean test recon of every regularizer combination present (three or more)
     recon_grids     recon_final.png of seed 0 (or the lowest seed) of none and of all, side by side
     samples         samples.png (prior samples) of the same runs, side by side
+
+Every caption states how many runs each line, band or point stands for. The train-mode running
+mean `train_recon` is never plotted: dropout and augmentation inflate it, so it is not comparable
+across regularizers; the train subset is evaluated in eval mode like the test set.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -20,13 +29,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from . import regularizers as R  # noqa: E402
-from .metrics import METRICS  # noqa: E402
-from .runio import atomic_write  # noqa: E402
-from .stats import cell_mask, effects_meaning, normalize  # noqa: E402
+from .runio import atomic_write, read_json  # noqa: E402
+from .stats import cell_mask, effects_meaning, metric_label, normalize, values  # noqa: E402
+from .verdicts import CLAIMS  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +52,6 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def _axis_label(key: str) -> str:
-    m = METRICS.get(key)
-    return f"{m.label} ({m.unit})" if m else key.replace("_", " ")
-
-
 def none_vs_all(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of regularizer=none and regularizer=all runs, with a `regularizers` column 'none' or 'all'."""
     frame = normalize(frame)
@@ -55,36 +59,242 @@ def none_vs_all(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def _runs_text(n: int, seeds: list[int]) -> str:
+    return f"{n} run{'s' if n != 1 else ''} (seed{'s' if n != 1 else ''} {', '.join(map(str, seeds))})"
+
+
+def arm_sizes(frame: pd.DataFrame) -> str:
+    """How many runs each of none and all holds in `frame` (runs or history rows), with their seeds, and what a
+    line and a band are: e.g. '3 runs per arm (seeds 0, 1, 2); line: mean, band: ±1 sd over seeds'."""
+    data = none_vs_all(frame)
+    seeds = {arm: sorted(pd.to_numeric(rows["seed"], errors="coerce").dropna().astype(int).unique())
+             for arm, rows in data.groupby("regularizers", sort=False)}
+    if not seeds:
+        return "no runs"
+    distinct = {tuple(s) for s in seeds.values()}
+    if len(seeds) == 2 and len(distinct) == 1:
+        (same,) = distinct
+        text = _runs_text(len(same), list(same)).replace(" (", " per arm (", 1)
+    else:
+        text = "; ".join(f"{arm}: {_runs_text(len(s), s)}" for arm, s in seeds.items())
+    most = max(len(s) for s in seeds.values())
+    return text + ("; line: mean, band: ±1 sd over seeds" if most > 1 else "; one run, no band")
+
+
+def _mean_band(ax, data: pd.DataFrame, column: str, dashes: bool = False, offsets: dict | None = None,
+               label: str = "") -> None:
+    """Mean over seeds of `column` per epoch and arm, with a ±1 sd band where an arm has several runs; `offsets`
+    (per arm) is subtracted first."""
+    for arm, rows in data.groupby("regularizers", sort=False):
+        stats = rows.groupby("epoch")[column].agg(["mean", "std", "count"])
+        mean = stats["mean"] - (offsets or {}).get(arm, 0.0)
+        ax.plot(stats.index, mean, color=PALETTE[arm], ls="--" if dashes else "-", marker="o", ms=3,
+                label=f"{arm} {label}".strip())
+        band = stats["count"] > 1
+        if band.any():
+            ax.fill_between(stats.index[band], (mean - stats["std"])[band], (mean + stats["std"])[band],
+                            color=PALETTE[arm], alpha=0.2, lw=0)
+
+
+def _plain_log_axis(ax) -> None:
+    """A log y-axis labelled with plain numbers (80, 100, 200), not powers of ten."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(LogLocator(subs=(1.5, 3.0, 4.0, 6.0, 8.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def curves_figure(history: pd.DataFrame, path: Path) -> Path | None:
-    """2×2 panels: train/test recon and train/test KL per epoch, none vs all, ±1 sd over seeds."""
-    data = none_vs_all(history)
-    if data.empty:
+    """2×2 panels, none vs all, both in eval mode. Left: test and train-subset recon, and KL, over all epochs on a
+    log scale. Right: the last half of training, each arm shifted by its own final test value, so that the late
+    trend and the train/test gap of both arms are readable on one axis."""
+    data = none_vs_all(history) if len(history) else history
+    if data.empty or "trainsub_recon" not in data:
         return None
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    panels = (("train_recon", "train recon", "SSE/image"), ("test_recon", "test recon", "SSE/image"),
-              ("train_kl", "train KL", "nats/image"), ("test_kl", "test KL", "nats/image"))
-    for ax, (column, name, unit) in zip(axes.flat, panels):
-        sns.lineplot(data=data, x="epoch", y=column, hue="regularizers", palette=PALETTE, errorbar="sd",
-                     marker="o", ax=ax)
-        ax.set(xlabel="epoch", ylabel=f"{name} ({unit})", title=name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle("regularizer=none vs all: mean over seeds, band ±1 sd")
+    last = data["epoch"].max()
+    late = data[data["epoch"] > last / 2]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for row, (what, unit, test, sub) in enumerate((("recon", "SSE/image", "test_recon", "trainsub_recon"),
+                                                   ("KL", "nats/image", "test_kl", "trainsub_kl"))):
+        final = {arm: float(rows.loc[rows["epoch"] == last, test].mean())
+                 for arm, rows in data.groupby("regularizers", sort=False)}
+        for ax, rows, offsets in ((axes[row, 0], data, None), (axes[row, 1], late, final)):
+            _mean_band(ax, rows, test, offsets=offsets, label=f"test {what}")
+            if sub in rows:
+                _mean_band(ax, rows, sub, dashes=True, offsets=offsets, label=f"train-subset {what}")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _plain_log_axis(axes[row, 0])
+        axes[row, 0].set(xlabel="epoch", ylabel=f"{what} ({unit})", title=f"{what} in eval mode, log scale")
+        axes[row, 1].axhline(0, color="grey", lw=0.8)
+        axes[row, 1].set(xlabel="epoch", ylabel=f"{what} − the arm's final test {what} ({unit})",
+                         title=f"last half (epochs {int(late['epoch'].min())}–{int(last)}), relative to the end")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"regularizer=none vs all, eval mode: {arm_sizes(history)}", wrap=True)
     fig.tight_layout()
     return save(fig, path)
 
 
 def gen_gap_figure(history: pd.DataFrame, path: Path) -> Path | None:
-    """Generalization gap per epoch, none vs all, ±1 sd over seeds."""
-    data = none_vs_all(history)
+    """Generalization gap per epoch, none vs all, mean with a ±1 sd band over seeds where an arm has several."""
+    data = none_vs_all(history) if len(history) else history
+    if data.empty or "gen_gap" not in data:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    _mean_band(ax, data, "gen_gap")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="epoch", ylabel="test − train-subset recon (SSE/image)", title="generalization gap")
+    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(arm_sizes(history), fontsize=9, wrap=True)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def recon_metric(runs: pd.DataFrame) -> str:
+    """recon_mean (from the posterior mean) where the included runs measure it, else test_recon."""
+    done = normalize(runs)
+    return "recon_mean" if values(done[done["included"]], "recon_mean").notna().any() else "test_recon"
+
+
+def _combo_colors(combos: list[str]) -> dict[str, tuple]:
+    order = sorted(combos, key=lambda c: (0 if c == "none" else len(c.split("-")), c))
+    return dict(zip(order, sns.color_palette("husl", len(order))))
+
+
+def _nearby_labels(x: pd.Series, y: pd.Series, names: pd.Series, distance: float = 0.025) -> list:
+    """((x, y), names) per group of points closer than `distance` of the axes' ranges to the group's first point,
+    so that points that nearly coincide get one label instead of overprinted ones."""
+    span_x, span_y = (float(np.ptp(v)) or 1.0 for v in (x, y))
+    groups: list = []
+    for px, py, name in sorted(zip(x, y, names), key=lambda t: (t[1], t[0])):
+        for (gx, gy), members in groups:
+            if abs(px - gx) / span_x < distance and abs(py - gy) / span_y < distance:
+                members.append(name)
+                break
+        else:
+            groups.append(((px, py), [name]))
+    return groups
+
+
+def rate_distortion_figure(runs: pd.DataFrame, path: Path) -> Path | None:
+    """Test KL (rate) against recon (distortion) of every included run, coloured by its combination."""
+    done = normalize(runs)
+    done = done[done["included"]]
+    metric = recon_metric(runs)
+    data = done.assign(rate=values(done, "test_kl"), distortion=values(done, metric)).dropna(
+        subset=["rate", "distortion"])
     if data.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=data, x="epoch", y="gen_gap", hue="regularizers", palette=PALETTE, errorbar="sd",
-                 marker="o", ax=ax)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="epoch", ylabel="test − train-subset recon (SSE/image)",
-           title="generalization gap: mean over seeds, band ±1 sd")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    colors = _combo_colors(list(data["combo"].astype(str).unique()))
+    many = len(colors) > 8  # too many colours to tell apart: each point is also labelled with its combination
+    fig, ax = plt.subplots(figsize=(9.5, 6.5) if many else (7, 5))
+    for combo, rows in data.groupby(data["combo"].astype(str), sort=False):
+        ax.scatter(rows["rate"], rows["distortion"], color=colors[combo], label=f"{combo} ({len(rows)})", s=30,
+                   edgecolor="black", lw=0.3)
+    if many:
+        for (x, y), names in _nearby_labels(data["rate"], data["distortion"], data["combo"].astype(str)):
+            ax.annotate(" · ".join(names), (x, y), xytext=(4, 2), textcoords="offset points", fontsize=6,
+                        color="#333333")
+    ax.set(xlabel=metric_label("test_kl"), ylabel=metric_label(metric), title="rate–distortion, one point per run")
+    if not many:
+        ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left", title="combination (runs)",
+                  title_fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def kl_spectrum_figure(study_dir: Path, runs: pd.DataFrame, path: Path) -> Path | None:
+    """Each included run's per-dimension KL, in descending order (metrics.json `kl_spectrum`), coloured by its
+    combination; None when no run directory holds one."""
+    done = normalize(runs)
+    spectra = []
+    for run in done[done["included"]].itertuples():
+        record = read_json(study_dir / str(run.run_name) / "metrics.json") or {}
+        spectrum = record.get("kl_spectrum")
+        if isinstance(spectrum, list) and spectrum:
+            spectra.append((str(run.combo), np.asarray(spectrum, float)))
+    if not spectra:
+        return None
+    colors = _combo_colors(list(dict.fromkeys(c for c, _ in spectra)))
+    fig, ax = plt.subplots(figsize=(8.5 if len(colors) > 8 else 7, 4.5))
+    labelled = set()
+    for combo, spectrum in spectra:
+        ax.plot(np.arange(1, len(spectrum) + 1), np.clip(spectrum, 1e-6, None), color=colors[combo], lw=1,
+                label=None if combo in labelled else f"{combo} ({sum(c == combo for c, _ in spectra)})")
+        labelled.add(combo)
+    ax.set_yscale("log")
+    ax.set(xlabel="latent dimension, by descending KL", ylabel="KL per dimension (nats/image)",
+           title="per-dimension KL, one line per run")
+    ax.legend(fontsize=7, ncol=1 if len(colors) <= 16 else 2, bbox_to_anchor=(1.02, 1), loc="upper left",
+              title="combination (runs)", title_fontsize=7)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def strength_column(group: str, field: str) -> str:
+    """The runs-frame column of one strength setting of a regularizer: `beta_value`, `dropout_p`."""
+    return f"{group}_{field}"
+
+
+def swept_strengths(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(group, field) of every numeric regularizer setting that takes two or more values over the included runs
+    with that regularizer on (a strength sweep); needs the runs frame's strength columns."""
+    done = normalize(runs)
+    done = done[done["included"]]
+    swept = []
+    for reg in R.REGISTRY.values():
+        for field in dataclasses.fields(reg.schema):
+            column = strength_column(reg.group, field.name)
+            if field.name == "enabled" or column not in done:
+                continue
+            on = values(done[done[reg.group]], column)
+            if on.nunique() >= 2:
+                swept.append((reg.group, field.name))
+    return swept
+
+
+def dose_metrics(runs: pd.DataFrame) -> list[str]:
+    """The metrics of a dose-response figure: recon, test KL, and every other claim's primary metric measured."""
+    done = normalize(runs)
+    done = done[done["included"]]
+    keys = dict.fromkeys([recon_metric(runs), "test_kl", *(c.primary for c in CLAIMS if c.primary != "recon_mean")])
+    return [k for k in keys if values(done, k).notna().any()]
+
+
+def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path) -> Path | None:
+    """Each dose metric against the strength `group`.`field`, one line per combination of the other regularizers,
+    mean ± 1 sd over the seeds at each strength. Runs with the regularizer off sit at its `off` value, when the
+    registry gives one."""
+    done = normalize(runs)
+    done = done[done["included"]]
+    reg = R.REGISTRY[group]
+    column = strength_column(group, field)
+    dose = values(done, column).where(done[group], reg.off.get(field, np.nan))
+    others = [g for g in R.names() if g != group]
+    data = done.assign(dose=dose, others=[R.combo_name(dict(zip(others, flags))) for flags in
+                                          done[others].itertuples(index=False)]).dropna(subset=["dose"])
+    metrics = dose_metrics(runs)
+    if data["dose"].nunique() < 2 or not metrics:
+        return None
+    cols = min(3, len(metrics))
+    fig, axes = plt.subplots(-(-len(metrics) // cols), cols, figsize=(4.3 * cols, 3.3 * -(-len(metrics) // cols)),
+                             squeeze=False)
+    colors = _combo_colors(list(data["others"].unique()))
+    for ax, metric in zip(axes.flat, metrics):
+        for combo, rows in data.groupby("others", sort=False):
+            stats = rows.assign(y=values(rows, metric)).groupby("dose")["y"].agg(["mean", "std", "count"]).dropna(
+                subset=["mean"])
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].where(stats["count"] > 1), marker="o", ms=4,
+                        capsize=3, color=colors[combo], label=f"others on: {combo}")
+        ax.set(xlabel=f"{reg.label} {field}", ylabel=metric_label(metric), title=metric_label(metric))
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(fontsize=7)
+    per_dose = data.groupby(["others", "dose"]).size()
+    counts = str(per_dose.min()) if per_dose.min() == per_dose.max() else f"{per_dose.min()}–{per_dose.max()}"
+    fig.suptitle(f"dose–response of {reg.label} {field}: {counts} runs per point, mean ± 1 sd over seeds where a "
+                 "point has several; one line per setting of the other regularizers", wrap=True)
     fig.tight_layout()
     return save(fig, path)
 
@@ -107,10 +317,11 @@ def effects_figure(effects: pd.DataFrame, path: Path, meaning: str = "on − off
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(y, [t.replace("_", " ") for t in sub["term"]])
         ax.invert_yaxis()
-        ax.set(xlabel=f"effect on {_axis_label(metric)}", title=METRICS[metric].label)
+        ax.set(xlabel=f"effect on {metric_label(metric)}", title=metric_label(metric).split(" (")[0])
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
-    fig.suptitle(f"main effects ({meaning}), 95% CI", wrap=True)
+    n = sorted(set(effects["n"].astype(int)))
+    fig.suptitle(f"main effects ({meaning}), 95% CI; OLS on n = {', '.join(map(str, n))} runs", wrap=True)
     fig.tight_layout()
     return save(fig, path)
 
@@ -139,9 +350,9 @@ def heatmap_figure(runs: pd.DataFrame, path: Path, metric: str = "test_recon") -
                        f[list(col_keys)].itertuples(index=False)])
     grid = table.pivot(index="row", columns="col", values=metric)
     fig, ax = plt.subplots(figsize=(1.3 * grid.shape[1] + 3, 0.7 * grid.shape[0] + 2.2))
-    sns.heatmap(grid, annot=True, fmt=".4g", cmap="viridis_r", ax=ax, cbar_kws={"label": _axis_label(metric)})
+    sns.heatmap(grid, annot=True, fmt=".4g", cmap="viridis_r", ax=ax, cbar_kws={"label": metric_label(metric)})
     ax.set(xlabel=_labels(col_keys), ylabel=_labels(row_keys),
-           title=f"mean {_axis_label(metric)} per regularizer combination")
+           title=f"mean {metric_label(metric)} per regularizer combination")
     fig.tight_layout()
     return save(fig, path)
 
@@ -181,21 +392,57 @@ def images_figure(study_dir: Path, runs: pd.DataFrame, filename: str, title: str
     return save(fig, path)
 
 
+def _run_dirs_present(study_dir: Path, runs: pd.DataFrame) -> bool:
+    return any((study_dir / str(name)).is_dir() for name in runs["run_name"])
+
+
+def image_panels(study_dir: Path, runs: pd.DataFrame, filename: str, title: str, path: Path) -> tuple[Path | None, str]:
+    """images_figure, or, when none of the runs' directories is present (a study re-rendered from its tables),
+    the figure an earlier report drew from them, kept as it is; (path, '') or (path, ' note') or (None, '')."""
+    made = images_figure(study_dir, runs, filename, title, path)
+    if made is None and path.is_file() and not _run_dirs_present(study_dir, runs):
+        return path, " (drawn by an earlier report of these runs; their run directories are not present now)"
+    return made, ""
+
+
+def _seed_of(runs: pd.DataFrame, on: bool) -> str:
+    run = _first_seed_run(runs, on)
+    return "n/a" if run is None else str(int(run["seed"]))
+
+
 def group_figures(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame, effects: pd.DataFrame | None,
                   prefix: str = "") -> list[tuple[str, Path]]:
-    """Every figure of one setting group that its data allows, as (caption, path) under study_dir/figures/."""
+    """Every figure of one setting group that its data allows, as (caption, path) under study_dir/figures/;
+    each caption says how many runs stand behind it."""
     sns.set_theme(style="whitegrid", context="notebook")
     out = study_dir / "figures"
+    done = normalize(runs)
+    done = done[done["included"]]
     included = history[normalize(history)["included"]] if not history.empty else history
+    arms = arm_sizes(included) if not included.empty else ""
+    combos, n_runs = done["combo"].nunique(), len(done)
+    recon = recon_metric(runs)
+    one_seed = f"seed {_seed_of(runs, False)} of none, seed {_seed_of(runs, True)} of all"
+    recon_grid, recon_note = image_panels(study_dir, runs, "recon_final.png", "final reconstructions",
+                                          out / f"{prefix}recon_grids.png")
+    samples, samples_note = image_panels(study_dir, runs, "samples.png", "prior samples", out / f"{prefix}samples.png")
     made = [
-        ("Per-epoch reconstruction and KL, none vs all", curves_figure(included, out / f"{prefix}curves.png")),
-        ("Generalization gap over epochs", gen_gap_figure(included, out / f"{prefix}gen_gap.png")),
-        ("Main effects with 95% CIs", effects_figure(effects, out / f"{prefix}main_effects.png",
-                                                                  effects_meaning(runs))),
-        ("Mean test recon per regularizer combination", heatmap_figure(runs, out / f"{prefix}heatmap_test_recon.png")),
-        ("Final reconstructions (top row: test images, bottom row: reconstructions)",
-         images_figure(study_dir, runs, "recon_final.png", "final reconstructions", out / f"{prefix}recon_grids.png")),
-        ("Samples from the prior", images_figure(study_dir, runs, "samples.png", "prior samples",
-                                                 out / f"{prefix}samples.png")),
+        (f"Eval-mode reconstruction and KL per epoch, none vs all ({arms}); the right panels zoom into the last "
+         "half of training", curves_figure(included, out / f"{prefix}curves.png")),
+        (f"Generalization gap over epochs, none vs all ({arms})",
+         gen_gap_figure(included, out / f"{prefix}gen_gap.png")),
+        (f"Rate–distortion: test KL against {recon}, one point per run ({n_runs} runs, {combos} combinations)",
+         rate_distortion_figure(runs, out / f"{prefix}rate_distortion.png")),
+        (f"Per-dimension KL spectrum, one line per run ({n_runs} runs)",
+         kl_spectrum_figure(study_dir, runs, out / f"{prefix}kl_spectrum.png")),
+        *[(f"Dose–response of {R.REGISTRY[g].label} {f} ({n_runs} runs; each point the mean over its seeds)",
+           dose_response_figure(runs, g, f, out / f"{prefix}dose_{g}_{f}.png")) for g, f in swept_strengths(runs)],
+        (f"Main effects with 95% CIs ({n_runs} runs, {combos} combinations)",
+         effects_figure(effects, out / f"{prefix}main_effects.png", effects_meaning(runs))),
+        (f"Mean test recon per regularizer combination ({n_runs} runs, {combos} combinations)",
+         heatmap_figure(runs, out / f"{prefix}heatmap_test_recon.png")),
+        (f"Final reconstructions, one run per arm ({one_seed}; top row: test images, bottom row: "
+         f"reconstructions){recon_note}", recon_grid),
+        (f"Samples from the prior, one run per arm ({one_seed}){samples_note}", samples),
     ]
     return [(caption, path) for caption, path in made if path is not None]

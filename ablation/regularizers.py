@@ -140,13 +140,14 @@ def flags(cfg: Mapping) -> dict[str, bool]:
 def effective(cfg: Mapping) -> SimpleNamespace:
     """The values a run uses, per group: the group's own while it is on, its `off` values while off.
 
-    `effective(cfg).dropout.p` is 0.0 for `dropout=off` whatever `dropout.p` says. Each group is an
+    `effective(cfg).dropout.p` is 0.0 for `dropout=off` whatever `dropout.p` says; a value a config
+    lacks is the schema's default (the seed's). Each group is an
     instance of its schema, so `dataclasses.asdict` gives it back as a dict (the config hash does).
     """
     groups = {}
     for reg in REGISTRY.values():
         node = cfg[reg.group]
-        values = {f.name: node[f.name] for f in dataclasses.fields(reg.schema)}
+        values = {f.name: node.get(f.name, f.default) for f in dataclasses.fields(reg.schema)}
         if not as_bool(values["enabled"]):
             values |= dict(reg.off)
         groups[reg.group] = reg.schema(**values)

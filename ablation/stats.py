@@ -1,14 +1,17 @@
-"""Statistics over runs: none vs all, the runs per cell and the factorial effects, per setting group.
+"""Statistics over runs: none vs all differences, the runs per cell and the factorial effects, per setting group.
 
 Every function here is a pure function of the runs frame (runs.csv, as ablation.collect builds
 or reads it): no file is read and nothing is rendered. Runs are pooled only within a *setting
 group*, the runs with one settings_hash (the hash of every non-regularizer setting).
 
-    comparison_table    regularizer=none vs regularizer=all: mean ± 95% CI, Welch t-test, verdict
+    difference          all − none of one metric: paired by seed when the seeds match, else Welch; CI, p, TOST
+    holm, benjamini_hochberg   multiplicity adjustments (Holm for the claims, BH for everything else)
     cell_summary        runs per regularizer combination, by status, with test recon mean and seed std
-    main_effects        each regularizer's main effect (OLS), with 95% CIs
+    main_effects        each regularizer's main effect (OLS), with 95% CIs and BH q-values
     interaction_effects the two-way interactions of the full factorial
+    conditional_effects A's effect with B off and on, where an interaction outgrows A's main effect
 
+Which metric decides which claim, and how, is ablation.verdicts; this module only measures.
 The regularizer factors are those registered in ablation.regularizers when a function runs.
 Every statistic is defined in statistics(); the report's appendix prints the definitions.
 """
@@ -40,18 +43,32 @@ def statistics() -> dict[str, str]:
     """The definition of every statistic over runs, by its name in the report."""
     n = len(R.names())
     return {
-        "mean ± CI": "Mean over the seeds of a cell ± the half-width of its 95% confidence interval, "
+        "mean ± CI": "Mean over the runs of a cell ± the half-width of its 95% confidence interval, "
                      "t(0.975, n-1)·s/√n with the sample std s; n = runs with a defined value.",
-        "Welch p": "Two-sided Welch t-test (unequal variances) of `all` against `none`; significant when p < 0.05.",
+        "Δ (all − none)": "Mean difference of `all` minus `none`. Paired by seed when both cells hold the same "
+                          "seeds (each once): the mean of the per-seed differences, with a t-interval on n-1 df. "
+                          "Otherwise (Welch) the difference of the means, with Welch's standard error and "
+                          "Welch–Satterthwaite df. The table's test column says which.",
+        "p": "Two-sided t-test of Δ = 0 (paired or Welch, as Δ).",
+        "Holm p": "Holm's step-down adjustment of the primary claims' p-values (family: the claims tested in this "
+                  "setting group); a claim's CI is shown at its Holm step level 1 − 0.05/(m − r + 1), r its rank.",
+        "TOST p": "Two one-sided t-tests of Δ against ±SESOI (paired or Welch, as Δ): the larger of the two "
+                  "one-sided p-values; below 0.05 exactly when the 90% CI of Δ lies within ±SESOI.",
+        "q (BH)": "Benjamini–Hochberg q-value: the FDR-adjusted p over one table's family (the secondary rows of the "
+                  "comparison, or every cell of one effects table).",
         "seed std": "Seed-to-seed sample std of the final test recon within one cell (one regularizer combination).",
         "diverged runs": "Runs stopped by a non-finite loss or gradient norm, of the finished runs (those in the "
                          "statistics plus the diverged ones); compared with Fisher's exact test.",
         "main effect": "Mean of a metric with a regularizer on minus with it off, averaged over the other factors: "
-                       f"the coefficient of that 0/1 factor in an OLS fit of the metric on the {number_word(n)} "
-                       "factors (statsmodels), with its 95% CI. Equal to the difference of means in a balanced "
-                       "factorial.",
-        "interaction": "Coefficient of the product of two 0/1 factors in an OLS fit with every main effect and "
-                       f"every pairwise interaction (full 2^{n} factorial only).",
+                       f"the coefficient of that factor in an OLS fit of the metric on the {number_word(n)} "
+                       "factors (statsmodels, coded −1/+1 and scaled to on − off), with its 95% CI. Equal to the "
+                       "difference of means in a balanced factorial. Bold: BH q < 0.05 over the table.",
+        "interaction": "How much A's effect changes when B is switched on: the coefficient of the product of two "
+                       f"factors in an OLS fit with every main effect and every pairwise interaction (full 2^{n} "
+                       "factorial only), scaled to a difference of differences.",
+        "conditional effect": "The effect of A with B off and with B on (the other factors averaged): A's main "
+                              "effect ∓ half the A:B interaction, from the interaction model with its 95% CI. "
+                              "Given for every interaction with q < 0.05 that is larger than A's main effect.",
     }
 
 
@@ -97,34 +114,17 @@ def cell_mask(runs: pd.DataFrame, on: bool) -> pd.Series:
 # ---------------------------------------------------------------------------------------- none vs all
 
 
-@dataclass(frozen=True)
-class Row:
-    """A row of the comparison table: the seed report's aspect, the metric and its verdict words."""
-
-    aspect: str
-    metric: str
-    words: tuple[str, str] = ("Lower", "Higher")  # verdict when `all` is significantly lower / higher
-    seed_claim: str | None = None  # the seed report's word, when it made a claim on this row
+def metric_label(key: str) -> str:
+    """'label (unit)' of a registered metric; the key itself for one metrics.py does not (yet) register."""
+    m = METRICS.get(key)
+    return f"{m.label} ({m.unit})" if m else key
 
 
-COMPARISON_ROWS = (
-    Row("Reconstruction loss", "test_recon", ("Lower", "Higher"), "Lower"),
-    Row("Reconstruction loss", "psnr"),
-    Row("Reconstruction loss", "mse01"),
-    Row("KL", "kl_cv", ("More controlled", "Less controlled"), "More controlled"),
-    Row("KL", "kl_max_jump"),
-    Row("KL", "test_kl"),
-    Row("Overfitting risk", "gen_gap", ("Reduced", "Increased"), "Reduced"),
-    Row("Overfitting risk", "max_gen_gap"),
-    Row("Overfitting risk", "best_epoch"),
-    Row("Training stability", "loss_volatility", ("More stable", "Less stable"), "More stable"),
-    Row("β-independent fit", "neg_elbo"),
-    Row("β-independent fit", "bits_per_dim"),
-    Row("Latent", "active_units"),
-    Row("Latent", "probe_acc"),
-)
-COMPARISON_COLUMNS = ("aspect", "metric", "label", "kind", "seed_claim", "none_mean", "none_ci", "none_n",
-                      "all_mean", "all_ci", "all_n", "p_value", "verdict", "note")
+def values(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """The numeric values of `metric` in `frame` (all missing when the column is absent)."""
+    if metric not in frame:
+        return pd.Series(np.nan, index=frame.index, dtype=float)
+    return pd.to_numeric(frame[metric], errors="coerce")
 
 
 def mean_ci(values: pd.Series) -> tuple[float, float, int]:
@@ -139,29 +139,138 @@ def mean_ci(values: pd.Series) -> tuple[float, float, int]:
     return float(x.mean()), float(half), n
 
 
-def welch_verdict(none: pd.Series, all_: pd.Series, words: tuple[str, str]) -> tuple[float, str]:
-    """(p, verdict) of a two-sided Welch t-test of `all` against `none`; words[0] when `all` is lower."""
-    a = pd.to_numeric(none, errors="coerce").dropna().to_numpy(float)
-    b = pd.to_numeric(all_, errors="coerce").dropna().to_numpy(float)
-    if min(len(a), len(b)) == 0:
-        return math.nan, "no data"
-    if min(len(a), len(b)) == 1:
-        return math.nan, "single seed, no test"
-    if np.ptp(a) == 0 and np.ptp(b) == 0:  # constant on both sides: a t-test gives p = 0 for any difference
-        return math.nan, "no test (no seed-to-seed variance)"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical values: scipy warns of precision loss
-        p = float(stats.ttest_ind(b, a, equal_var=False).pvalue)
-    if math.isnan(p):
-        return p, "no test (no seed-to-seed variance)"
-    if p >= ALPHA:
-        return p, "no significant difference"
-    return p, words[0] if b.mean() < a.mean() else words[1]
+@dataclass(frozen=True)
+class Difference:
+    """`all` minus `none` of one metric: the mean difference, its standard error and degrees of freedom.
+
+    Paired by seed (a one-sample t on the per-seed differences) when both arms hold the same seeds,
+    each once; Welch's unequal-variance t otherwise. `note` says why there is no test (se NaN).
+    """
+
+    estimate: float
+    se: float
+    df: float
+    paired: bool
+    n_none: int
+    n_all: int
+    note: str = ""
+
+    @property
+    def testable(self) -> bool:
+        return math.isfinite(self.se) and self.se > 0 and math.isfinite(self.df)
+
+    @property
+    def test(self) -> str:
+        """Which test: 'paired t (3 seeds)' or 'Welch t (n = 3, 4)'; '—' when an arm has no value."""
+        if min(self.n_none, self.n_all) == 0:
+            return "—"
+        if self.paired:
+            return f"paired t ({self.n_none} seed{'s' if self.n_none != 1 else ''})"
+        return f"Welch t (n = {self.n_none}, {self.n_all})"
+
+    def p_value(self) -> float:
+        """Two-sided p of H0: mean difference 0."""
+        if not self.testable:
+            return math.nan
+        return float(2 * stats.t.sf(abs(self.estimate) / self.se, self.df))
+
+    def ci(self, alpha: float = ALPHA) -> tuple[float, float]:
+        """Two-sided (1 - alpha) t-interval of the mean difference."""
+        if not self.testable:
+            return math.nan, math.nan
+        half = float(stats.t.ppf(1 - alpha / 2, self.df)) * self.se
+        return self.estimate - half, self.estimate + half
+
+    def tost(self, low: float, high: float) -> float:
+        """p of the two one-sided t-tests of H0: difference <= low or >= high (equivalence when p < alpha)."""
+        if not self.testable or not low < high:
+            return math.nan
+        p_low = stats.t.sf((self.estimate - low) / self.se, self.df)
+        p_high = stats.t.cdf((self.estimate - high) / self.se, self.df)
+        return float(max(p_low, p_high))
 
 
-def _metric_label(key: str) -> str:
-    m = METRICS[key]
-    return f"{m.label} ({m.unit})"
+def _by_seed(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric's defined values indexed by seed."""
+    x = values(frame, metric)
+    return pd.Series(x.to_numpy(), index=pd.to_numeric(frame["seed"], errors="coerce").to_numpy()).dropna()
+
+
+def difference(none: pd.DataFrame, all_: pd.DataFrame, metric: str) -> Difference:
+    """all − none of `metric` over the runs of the two cells, paired by seed when the seeds match."""
+    a, b = _by_seed(none, metric), _by_seed(all_, metric)
+    n0, n1 = len(a), len(b)
+    if min(n0, n1) == 0:
+        return Difference(math.nan, math.nan, math.nan, False, n0, n1, "not measured" if n0 + n1 == 0 else "no data")
+    paired = (a.index.is_unique and b.index.is_unique and set(a.index) == set(b.index)
+              and not a.index.isna().any())
+    if paired:
+        d = (b - a.reindex(b.index)).to_numpy(float)
+        estimate = float(d.mean())
+        if len(d) < 2:
+            return Difference(estimate, math.nan, math.nan, True, n0, n1, "one run per arm: no test")
+        se, df = float(d.std(ddof=1) / math.sqrt(len(d))), float(len(d) - 1)
+    else:
+        x0, x1 = a.to_numpy(float), b.to_numpy(float)
+        estimate = float(x1.mean() - x0.mean())
+        if min(n0, n1) < 2:
+            return Difference(estimate, math.nan, math.nan, False, n0, n1, "a single run in an arm: no test")
+        v0, v1 = x0.var(ddof=1) / n0, x1.var(ddof=1) / n1
+        se = math.sqrt(v0 + v1)
+        df = (v0 + v1) ** 2 / (v0 ** 2 / (n0 - 1) + v1 ** 2 / (n1 - 1)) if se > 0 else math.nan
+    if not se > 0:  # constant differences: a t-test would call any difference of two constants significant
+        return Difference(estimate, math.nan, math.nan, paired, n0, n1, "no seed-to-seed variance: no test")
+    return Difference(estimate, se, df, paired, n0, n1)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values; NaN entries stay NaN and are not counted among the tests."""
+    p = np.asarray(p_values, float)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def holm_levels(p_values, alpha: float = ALPHA) -> np.ndarray:
+    """Each test's Holm step level alpha / (m - r + 1), r its rank among the m finite p-values; NaN elsewhere."""
+    p = np.asarray(p_values, float)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    out[order] = alpha / (len(order) - np.arange(len(order)))
+    return out
+
+
+def benjamini_hochberg(p_values) -> np.ndarray:
+    """Benjamini–Hochberg q-values (step-up FDR-adjusted p); NaN entries stay NaN and are not counted."""
+    p = np.asarray(p_values, float)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    running = 1.0
+    for rank in range(m - 1, -1, -1):
+        i = order[rank]
+        running = min(running, m * p[i] / (rank + 1))
+        out[i] = running
+    return out
+
+
+def diverged_counts(none: pd.DataFrame, all_: pd.DataFrame) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """((diverged, finished) of none, of all, Fisher's exact p); finished = included or diverged runs."""
+    counts = []
+    for cell in (none, all_):
+        finished = cell[cell["included"] | (cell["status"] == "diverged")]
+        counts.append((int((finished["status"] == "diverged").sum()), len(finished)))
+    (d0, n0), (d1, n1) = counts
+    p = float(stats.fisher_exact([[d0, n0 - d0], [d1, n1 - d1]]).pvalue) if min(n0, n1) >= 2 else math.nan
+    return counts[0], counts[1], p
 
 
 def _seed_std(values: pd.Series) -> float:
@@ -169,51 +278,10 @@ def _seed_std(values: pd.Series) -> float:
     return float(x.std(ddof=1)) if len(x) >= 2 else math.nan
 
 
-def _diverged_row(none: pd.DataFrame, all_: pd.DataFrame) -> dict:
-    """Diverged runs of the finished runs (included or diverged), compared by Fisher's exact test."""
-    counts = []
-    for cell in (none, all_):
-        finished = cell[cell["included"] | (cell["status"] == "diverged")]
-        counts.append((int((finished["status"] == "diverged").sum()), len(finished)))
-    (d0, n0), (d1, n1) = counts
-    if min(n0, n1) == 0:
-        p, verdict = math.nan, "no runs"
-    elif min(n0, n1) == 1:
-        p, verdict = math.nan, "single seed, no test"
-    else:
-        p = float(stats.fisher_exact([[d0, n0 - d0], [d1, n1 - d1]]).pvalue)
-        verdict = "no significant difference" if p >= ALPHA else ("Fewer" if d1 / n1 < d0 / n0 else "More")
-    return {"aspect": "Training stability", "metric": "diverged", "label": "diverged runs (of finished runs)",
-            "kind": "count", "seed_claim": None, "none_mean": d0, "none_ci": math.nan, "none_n": n0,
-            "all_mean": d1, "all_ci": math.nan, "all_n": n1, "p_value": p, "verdict": verdict,
-            "note": "Fisher's exact test"}
-
-
-def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """regularizer=none vs regularizer=all over the seeds of one setting group (a pure function of runs.csv).
-
-    One row per COMPARISON_ROWS entry: mean ± 95% CI and n of each side over the included runs, the
-    two-sided Welch t-test p-value and the verdict for `all` relative to `none`; then a row of
-    diverged-run counts. Total losses (test_loss) are never compared: they weigh the KL by each
-    run's own β.
-    """
+def none_and_all(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The runs of regularizer=none and of regularizer=all in one setting group (normalized, every status)."""
     runs = _single_group(runs)
-    done = runs[runs["included"]]
-    none, all_ = done[cell_mask(done, False)], done[cell_mask(done, True)]
-    rows = []
-    for spec in COMPARISON_ROWS:
-        m0, h0, n0 = mean_ci(none[spec.metric])
-        m1, h1, n1 = mean_ci(all_[spec.metric])
-        p, verdict = welch_verdict(none[spec.metric], all_[spec.metric], spec.words)
-        note = ""
-        if spec.metric == "loss_volatility":
-            note = (f"seed-to-seed std of test recon: none {_seed_std(none['test_recon']):.4g}, "
-                    f"all {_seed_std(all_['test_recon']):.4g}")
-        rows.append({"aspect": spec.aspect, "metric": spec.metric, "label": _metric_label(spec.metric),
-                     "kind": "mean", "seed_claim": spec.seed_claim, "none_mean": m0, "none_ci": h0, "none_n": n0,
-                     "all_mean": m1, "all_ci": h1, "all_n": n1, "p_value": p, "verdict": verdict, "note": note})
-    rows.append(_diverged_row(runs[cell_mask(runs, False)], runs[cell_mask(runs, True)]))
-    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
+    return runs[cell_mask(runs, False)], runs[cell_mask(runs, True)]
 
 
 def has_comparison(runs: pd.DataFrame) -> bool:
@@ -253,7 +321,7 @@ def cell_summary(runs: pd.DataFrame) -> pd.DataFrame:
 EFFECT_METRICS = ("test_recon", "neg_elbo", "psnr", "test_kl", "kl_cv", "gen_gap", "loss_volatility",
                   "active_units", "probe_acc")
 INTERACTION_METRICS = ("test_recon", "neg_elbo", "gen_gap")
-EFFECT_COLUMNS = ("metric", "term", "estimate", "ci_low", "ci_high", "p_value", "n", "df_resid")
+EFFECT_COLUMNS = ("metric", "term", "estimate", "ci_low", "ci_high", "p_value", "q_value", "n", "df_resid")
 
 
 def _design(runs: pd.DataFrame) -> pd.DataFrame:
@@ -282,6 +350,23 @@ def is_balanced_factorial(runs: pd.DataFrame) -> bool:
     return is_full_factorial(runs) and _design(runs).groupby(list(R.names())).size().nunique() == 1
 
 
+def _fit(design: pd.DataFrame, metric: str, factors: list[str], formula_rhs: str):
+    """The statsmodels OLS fit of `metric` on the formula, factors coded -1/+1; None when the runs with a
+    value of the metric do not identify it (no data, a constant metric, or confounded terms)."""
+    if metric not in design:
+        return None
+    data = design[[*factors, metric]].apply(pd.to_numeric, errors="coerce").dropna()
+    data[factors] = 2 * data[factors] - 1
+    if data[metric].nunique() < 2:
+        return None  # no data, or a constant metric: every effect is 0
+    model = smf.ols(f"{metric} ~ {formula_rhs}", data=data)
+    if np.linalg.matrix_rank(model.exog) < model.exog.shape[1]:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # residual df 0: statsmodels divides by zero
+        return model.fit()
+
+
 def _fit_effects(design: pd.DataFrame, metric: str, factors: list[str], formula_rhs: str) -> list[dict]:
     """OLS of `metric` on the formula; one row per non-intercept term (CIs NaN when residual df is 0).
 
@@ -290,16 +375,11 @@ def _fit_effects(design: pd.DataFrame, metric: str, factors: list[str], formula_
     of the other terms (averaged over the other factors in a balanced factorial, also in a model
     with interactions), and an A:B row is how much A's effect changes when B is switched on.
     """
-    data = design[[*factors, metric]].apply(pd.to_numeric, errors="coerce").dropna()
-    data[factors] = 2 * data[factors] - 1
-    if data[metric].nunique() < 2:
-        return []  # no data, or a constant metric: every effect is 0
-    model = smf.ols(f"{metric} ~ {formula_rhs}", data=data)
-    if np.linalg.matrix_rank(model.exog) < model.exog.shape[1]:
-        return []  # the runs with a value of this metric confound its terms
+    fit = _fit(design, metric, factors, formula_rhs)
+    if fit is None:
+        return []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # residual df 0: statsmodels divides by zero
-        fit = model.fit()
+        warnings.simplefilter("ignore", RuntimeWarning)
         ci = fit.conf_int(ALPHA)
     rows = []
     for term in fit.params.index.drop("Intercept"):
@@ -313,12 +393,19 @@ def _fit_effects(design: pd.DataFrame, metric: str, factors: list[str], formula_
     return rows
 
 
+def _effects_frame(rows: list[dict]) -> pd.DataFrame:
+    """The effect rows as a frame, with each row's Benjamini–Hochberg q over the whole table."""
+    frame = pd.DataFrame(rows, columns=[c for c in EFFECT_COLUMNS if c != "q_value"])
+    return frame.assign(q_value=benjamini_hochberg(frame["p_value"]))[list(EFFECT_COLUMNS)]
+
+
 def main_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = EFFECT_METRICS) -> pd.DataFrame:
     """Main effect of each regularizer on each metric: OLS of the metric on the regularizer factors (additive).
 
     In a balanced factorial an effect is the on - off difference averaged over the other
     factors; in another design (e.g. the leave-one-out presets) it is the additive model's
-    on - off difference, which equals that average only if the effects add up.
+    on - off difference, which equals that average only if the effects add up. q_value is the
+    Benjamini–Hochberg q over every effect of the table; metrics without values are left out.
 
     Raises NotEstimable when the combinations present confound the factors (e.g. only none and
     all, which differ in every regularizer at once). Factors constant over the runs are left out.
@@ -335,13 +422,16 @@ def main_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = EFFECT_METRICS) 
         raise NotEstimable(f"the {combos} regularizer combinations present confound the factors "
                            f"({', '.join(factors)} do not vary independently); main effects need runs "
                            f"that switch regularizers separately, e.g. `+sweep=factorial`")
-    rows = [row for m in metrics for row in _fit_effects(design, m, factors, " + ".join(factors))]
-    return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+    return _effects_frame([row for m in metrics for row in _fit_effects(design, m, factors, " + ".join(factors))])
+
+
+def _interaction_rhs(factors: list[str]) -> str:
+    return f"({' + '.join(factors)})**2"
 
 
 def interaction_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = INTERACTION_METRICS) -> pd.DataFrame:
     """Two-way interactions (with all main effects) of the full 2^k factorial of the k registered
-    regularizers: OLS with all pairwise terms.
+    regularizers: OLS with all pairwise terms, q_value the Benjamini–Hochberg q over the table.
 
     Raises NotEstimable unless all 2^k combinations are present. Rows with df_resid 0 have no CI.
     """
@@ -349,7 +439,41 @@ def interaction_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = INTERACTI
     if not is_full_factorial(runs):
         raise NotEstimable(f"two-way interactions need all {2 ** len(factors)} regularizer combinations")
     design = _design(runs)
-    rows = [row for m in metrics for row in _fit_effects(design, m, factors, f"({' + '.join(factors)})**2")]
-    return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+    return _effects_frame([row for m in metrics for row in _fit_effects(design, m, factors, _interaction_rhs(factors))])
 
 
+def qualifying_interactions(interactions: pd.DataFrame, alpha: float = ALPHA) -> list[tuple[str, str, str]]:
+    """(metric, A, B) for each interaction A:B with q < alpha that is larger than A's main effect in the same
+    model; A:B and B:A are both checked, so (metric, B, A) appears when it outgrows B's main effect."""
+    out = []
+    for metric, rows in interactions.groupby("metric", sort=False):
+        est = rows.set_index("term")["estimate"]
+        for row in rows[rows["term"].str.contains(":") & (rows["q_value"] < alpha)].itertuples():
+            a, b = row.term.split(":")
+            out += [(metric, x, y) for x, y in ((a, b), (b, a)) if abs(row.estimate) > abs(est.get(x, math.nan))]
+    return out
+
+
+CONDITIONAL_COLUMNS = ("metric", "factor", "given", "given_on", "estimate", "ci_low", "ci_high", "interaction")
+
+
+def conditional_effects(runs: pd.DataFrame, interactions: pd.DataFrame) -> pd.DataFrame:
+    """The effect of A with B off and with B on (the others averaged), with 95% CIs from the interaction model,
+    for every qualifying_interactions (metric, A, B): A's main effect ∓ half the A:B interaction."""
+    factors = list(R.names())
+    design = _design(runs)
+    rows = []
+    for metric, a, b in qualifying_interactions(interactions):
+        fit = _fit(design, metric, factors, _interaction_rhs(factors))
+        term = f"{a}:{b}" if f"{a}:{b}" in fit.params.index else f"{b}:{a}"
+        for on in (False, True):
+            contrast = pd.Series(0.0, index=fit.params.index)
+            contrast[a], contrast[term] = 2.0, 2.0 if on else -2.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                test = fit.t_test(contrast.to_numpy()[None, :])
+                low, high = test.conf_int(alpha=ALPHA)[0] if fit.df_resid >= 1 else (math.nan, math.nan)
+            rows.append({"metric": metric, "factor": a, "given": b, "given_on": on,
+                         "estimate": float(np.squeeze(test.effect)), "ci_low": float(low), "ci_high": float(high),
+                         "interaction": term})
+    return pd.DataFrame(rows, columns=list(CONDITIONAL_COLUMNS))

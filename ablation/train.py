@@ -34,7 +34,8 @@ from .data import DataError, load_images, subset
 from .rundir import RunDir, RunLockedError, State
 from .runio import atomic_torch_save, atomic_write_text, device_slot
 from .runtime import Runtime, activate, prepare
-from .trainer import Diverged, build_trainer, seed_everything
+from .sample_quality import check_inception_weights
+from .trainer import DeadlineReached, Diverged, build_trainer, seed_everything
 
 log = logging.getLogger("ablation.train")
 
@@ -51,6 +52,11 @@ def train(cfg: DictConfig) -> dict:
             log.info("%s: skipped (%s, config hash %s)%s", cfg.run_name, state.value, chash,
                      "; delete its directory to train it again" if state is State.DIVERGED else "")
             return run.metrics()
+        expected = _expected_seconds(run, C.settings_hash(cfg), cfg.trainer.epochs)
+        if cfg.trainer.deadline is not None and expected is not None and time.time() + expected > cfg.trainer.deadline:
+            log.info("%s: not started: its study's finished runs took up to %.0f s, which would end after the "
+                     "deadline; rerun later to train it", cfg.run_name, expected)
+            return {"status": "not started", "run_name": cfg.run_name, "study": cfg.study}
         with gpu_slot(cfg.trainer.device, runtime.device) as device:
             return _run(cfg, run, replace(runtime, device=device), budget, chash, resume=state is State.INTERRUPTED)
 
@@ -71,6 +77,20 @@ def gpu_slot(requested: str, device: torch.device):
         yield device if k is None else torch.device("cuda", k)
 
 
+def _expected_seconds(run: RunDir, settings_hash: str, epochs: int) -> float | None:
+    """How long this run should take, from the finished runs of its study with the same settings:
+    the longest of their wall times, scaled to the epochs this run has left; None without any."""
+    times = []
+    for path in run.path.parent.glob("*/metrics.json"):
+        other = RunDir(path.parent).metrics() or {}
+        if other.get("status") == "completed" and other.get("settings_hash") == settings_hash:
+            times.append(float(other.get("wall_time_s") or 0) / max(1, int(other.get("epochs_completed") or 1)))
+    if not times:
+        return None
+    done = int((run.metrics() or {}).get("epochs_completed") or 0)
+    return max(times) * max(0, epochs - done)
+
+
 def _load_data(cfg: DictConfig, device: torch.device):
     """The run's images on its device; a bad data root is a user error (one message, exit 2)."""
     data = load_images(cfg.data.root, cfg.data.download, cfg.data.cache_dir)
@@ -87,6 +107,8 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     activate(runtime)
     log.info("%s on %s (%d threads), budget %s", cfg.run_name, runtime.device, torch.get_num_threads(), budget)
     seed_everything(cfg.seed)
+    if cfg.eval.inception_weights is not None:  # a bad path fails now, not after training
+        check_inception_weights(cfg.eval.inception_weights)
     data = _load_data(cfg, runtime.device)  # before any run file is written
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
@@ -115,6 +137,12 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         metrics = _finish(cfg, run, trainer, logger, wall_start)
         exit_code = 0
         return metrics
+    except DeadlineReached as exc:
+        log.warning("%s: %s; rerun the same command to resume", cfg.run_name, exc)
+        metrics = run.record("interrupted", epochs_completed=exc.epoch, steps=trainer.step, error=str(exc),
+                             wall_time_s=time.perf_counter() - wall_start)
+        logger.summary(metrics)
+        return metrics  # the sweep goes on: its next runs see the deadline before they start
     except Diverged as exc:
         log.error("%s: diverged: %s", cfg.run_name, exc)
         if trainer is not None:

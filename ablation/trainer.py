@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 from torchvision.utils import save_image
 
-from .config import config_hash as hash_config, step_row_interval
-from .data import ImageData, TrainBatches, stratified_indices, to_unit_range
+from .classifier import load_or_train
+from .config import EvalConfig, config_hash as hash_config, step_row_interval
+from .data import ImageData, TrainBatches, split_validation, stratified_indices, to_unit_range
 from .evaluate import evaluate, final_metrics, inference_copy
 from .model import build_model
 from .objective import vae_loss
@@ -31,8 +32,16 @@ from .runtime import Runtime, place_model
 
 log = logging.getLogger(__name__)
 
-GRID_IMAGES = 8  # test images in each reconstruction grid
+GRID_CLASSES = 10  # classes in each reconstruction grid: the first test image of each, in class order
 SAMPLE_IMAGES = 64  # prior samples in samples.png
+
+
+class DeadlineReached(RuntimeError):
+    """The next epoch would end after trainer.deadline: the run stopped with a checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped after epoch {epoch}: the next epoch would end after the deadline")
+        self.epoch = epoch
 
 
 class Diverged(RuntimeError):
@@ -62,6 +71,15 @@ class RunSettings:
     image_interval: int
     wandb_image_interval: int
     checkpoint: bool
+    val_size: int | None = None  # validation images carved from the training set; None = no split
+    checkpoint_every_s: float = 0.0  # least seconds between checkpoints; 0 = every epoch
+    deadline: float | None = None  # Unix time by which the run stops between epochs
+    iw_samples: int = EvalConfig.iw_samples  # the end-of-run measures' eval.* settings
+    iw_images: int | None = EvalConfig.iw_images
+    sample_images: int = EvalConfig.sample_images
+    classifier_epochs: int = EvalConfig.classifier_epochs
+    inception_weights: str | None = None
+    cache_dir: str | None = None  # where the suite classifier is cached (data.cache_dir); None = not measured
 
     @classmethod
     def from_cfg(cls, cfg) -> "RunSettings":
@@ -73,7 +91,11 @@ class RunSettings:
             crop_padding=reg.augmentation.crop_padding, seed=cfg.seed, subset_seed=cfg.data.subset_seed,
             log_interval=step_row_interval(cfg), image_interval=cfg.trainer.image_interval,
             wandb_image_interval=cfg.logger.image_interval if cfg.logger.backend == "wandb" else 0,
-            checkpoint=cfg.trainer.checkpoint)
+            checkpoint=cfg.trainer.checkpoint, val_size=cfg.data.val_size,
+            checkpoint_every_s=cfg.trainer.checkpoint_every_s, deadline=cfg.trainer.deadline,
+            iw_samples=cfg.eval.iw_samples, iw_images=cfg.eval.iw_images, sample_images=cfg.eval.sample_images,
+            classifier_epochs=cfg.eval.classifier_epochs, inception_weights=cfg.eval.inception_weights,
+            cache_dir=cfg.data.cache_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -112,6 +134,10 @@ class Trainer:
                  logger, autocast=None, step_model: torch.nn.Module | None = None,
                  config_hash: str | None = None) -> None:
         self.model = model
+        # The validation images leave the training set before anything else draws from it, so the batches
+        # and the train subset below come from the remaining images; with no split, `data` is unchanged.
+        # Which images are held out is fixed by subset_seed alone (+3: the subsets use +0, +1 and +2).
+        data, self.val_x, self.val_y = split_validation(data, settings.val_size, settings.subset_seed + 3)
         self.config_hash = config_hash  # stored in the checkpoint: a resume checks it
         self.step_model = step_model or model  # a torch.compile'd view of `model`, or the model
         self.data = data
@@ -124,7 +150,7 @@ class Trainer:
                                     seed=settings.seed)
         sub = stratified_indices(data.train_y, data.test_x.shape[0], settings.subset_seed + 2)
         self.trainsub_x, self.trainsub_y = data.train_x[sub.to(data.train_x.device)], data.train_y[sub.to(data.train_y.device)]
-        self.grid_x = data.test_x[:GRID_IMAGES]
+        self.grid_x = data.test_x[first_of_each_class(data.test_y, GRID_CLASSES).to(data.test_x.device)]
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken
         self.train_time = 0.0  # seconds spent in training steps
@@ -224,9 +250,13 @@ class Trainer:
         self._check_finite(epoch, bad_step, gn)
 
     def fit(self) -> None:
-        """Train from the current epoch to the last, evaluating and checkpointing after each."""
+        """Train from the current epoch to the last, evaluating after each; checkpoint when
+        checkpoint_every_s have passed, and stop with one (DeadlineReached) when another epoch would
+        end after the deadline."""
         s = self.s
+        last_checkpoint = time.monotonic()
         while self.epoch < s.epochs:
+            epoch_start = time.monotonic()
             row = self.train_epoch()
             self.epoch += 1
             last = self.epoch == s.epochs  # the last epoch keeps the latent means for final()
@@ -235,17 +265,22 @@ class Trainer:
                             folded=True)
             train = evaluate(folded, self.trainsub_x, s.beta, s.eval_batch_size, self.autocast, keep_mu=last,
                              folded=True)
+            val = (evaluate(folded, self.val_x, s.beta, s.eval_batch_size, self.autocast, folded=True)
+                   if self.val_x is not None else None)
             del folded
             self._last_eval = (self.epoch, test, train) if last else None
             row = {"kind": "epoch", "epoch": self.epoch, "step": self.step, **row,
                    "test_recon": test["recon"], "test_kl": test["kl"], "test_loss": test["loss"],
                    "trainsub_recon": train["recon"], "trainsub_kl": train["kl"], "trainsub_loss": train["loss"],
-                   "gen_gap": test["recon"] - train["recon"]}
+                   "gen_gap": test["recon"] - train["recon"],
+                   **({"val_recon": val["recon"], "val_kl": val["kl"]} if val is not None else {})}
             self.epoch_rows.append(row)
             log.info("epoch %d/%d  train loss %.2f (recon %.2f, kl %.2f)  test recon %.2f kl %.2f  gap %.2f  "
-                     "%.0f img/s", self.epoch, s.epochs, row["train_loss"], row["train_recon"], row["train_kl"],
-                     row["test_recon"], row["test_kl"], row["gen_gap"], row["images_per_s"])
-            self.logger.log({f"{split}/{k}": v for split, d in (("test", test), ("trainsub", train))
+                     "%.0f img/s%s", self.epoch, s.epochs, row["train_loss"], row["train_recon"], row["train_kl"],
+                     row["test_recon"], row["test_kl"], row["gen_gap"], row["images_per_s"],
+                     f"  val recon {val['recon']:.2f}" if val is not None else "")
+            evaluated = (("test", test), ("trainsub", train), ("val", val))
+            self.logger.log({f"{split}/{k}": v for split, d in evaluated if d is not None
                              for k, v in d.items() if k != "mu"} | {"epoch": self.epoch, "gen_gap": row["gen_gap"],
                                                         "train/epoch_loss": row["train_loss"],
                                                         "train/images_per_s": row["images_per_s"]},
@@ -257,14 +292,22 @@ class Trainer:
                 if wandb_due:
                     self.logger.log_images({"recon": path}, step=self.step)
             self.write_history()
-            if s.checkpoint and not last:
+            if last:
+                break
+            now = time.monotonic()
+            stop = s.deadline is not None and time.time() + (now - epoch_start) > s.deadline
+            if s.checkpoint and (stop or now - last_checkpoint >= s.checkpoint_every_s):
                 atomic_torch_save(self.state_dict(), self.run_dir / "checkpoint.pt")
+                last_checkpoint = time.monotonic()
+            if stop:
+                raise DeadlineReached(self.epoch)
 
     # ------------------------------------------------------------------ outputs
 
     @torch.inference_mode()
     def save_recon_grid(self, path: Path) -> Path:
-        """8 test images (top row) over their reconstructions from the posterior mean (bottom row)."""
+        """The first test image of each class, in class order (top row), over their reconstructions from the
+        posterior mean (bottom row)."""
         self.model.eval()
         x = to_unit_range(self.grid_x)
         with self._ctx():
@@ -297,8 +340,13 @@ class Trainer:
         test = train = None
         if self._last_eval is not None and self._last_eval[0] == self.epoch:
             _, test, train = self._last_eval
+        classifier = None
+        if s.cache_dir is not None:  # trained on this run's images once, then cached for every run on them
+            classifier = load_or_train(self.data, s.cache_dir, s.classifier_epochs, device=self.data.test_x.device)
         return final_metrics(self.model, self.data.test_x, self.data.test_y, self.trainsub_x, self.trainsub_y,
-                             s.beta, s.eval_batch_size, self.autocast, test=test, train=train)
+                             s.beta, s.eval_batch_size, self.autocast, test=test, train=train,
+                             iw_samples=s.iw_samples, iw_images=s.iw_images, sample_images=s.sample_images,
+                             seed=s.seed, classifier=classifier, inception_weights=s.inception_weights)
 
 
 def build_trainer(cfg, data: ImageData, runtime: Runtime, run_dir: Path, logger, config_hash: str | None = None,
@@ -310,6 +358,12 @@ def build_trainer(cfg, data: ImageData, runtime: Runtime, run_dir: Path, logger,
     step_model = torch.compile(model) if cfg.trainer.compile else model
     return Trainer(model, data, RunSettings.from_cfg(cfg), run_dir, logger, runtime.autocast_factory, step_model,
                    config_hash=config_hash or hash_config(cfg))
+
+
+def first_of_each_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """The index of the first image of each class in `labels`, for the first `limit` classes in class order."""
+    labels = labels.cpu()
+    return torch.stack([torch.nonzero(labels == c)[0, 0] for c in torch.unique(labels)[:limit]])
 
 
 def _save_grid(x: torch.Tensor, path: Path, nrow: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from ablation.config import CONF_DIR
 from ablation.synthetic import make_imagefolder
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# In-process runs cache decoded data and the suite classifier here, not in the user's ~/.cache.
+os.environ.setdefault("ABLATION_CACHE", tempfile.mkdtemp(prefix="ablation-test-cache-"))
 
 
 @pytest.fixture

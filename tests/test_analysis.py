@@ -17,12 +17,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 from scipy import stats
+from wandb_records import read_run
 
 from ablation import collect as C
+from ablation import figures as F
 from ablation import metrics as M
 from ablation import regularizers
 from ablation import report as R
 from ablation import stats as S
+from ablation import verdicts as V
+from ablation.synthetic import make_imagefolder
 
 REGULARIZERS = regularizers.names()
 
@@ -45,7 +49,8 @@ def final_metrics(test_recon: float, test_kl: float = 10.0, **extra) -> dict:
             "gen_gap": 5.0, "max_gen_gap": 6.0, "best_epoch": EPOCHS, "mse01": mse01,
             "psnr": 10 * math.log10(1 / mse01), "neg_elbo": neg_elbo,
             "bits_per_dim": (neg_elbo + D * math.log(127.5)) / (D * math.log(2)), "active_units": 20,
-            "probe_acc": 0.5, "epochs_completed": EPOCHS, "steps": EPOCHS * STEPS_PER_EPOCH, "images_per_s": 1000.0,
+            "probe_acc": 0.5, "kl_spectrum": [2.0 / (i + 1) for i in range(20)], "epochs_completed": EPOCHS,
+            "steps": EPOCHS * STEPS_PER_EPOCH, "images_per_s": 1000.0,
             "train_time_s": 1.0, "wall_time_s": 2.0} | extra
 
 
@@ -117,7 +122,7 @@ def expected_cv(kl: list[float]) -> float:
 # ---------------------------------------------------------------------------------------- the comparison
 
 NONE_RECON, ALL_RECON = [100.0, 102.0, 104.5], [90.0, 91.5, 95.0]
-NONE_GAP, ALL_GAP = [5.0, 6.0, 5.5], [9.0, 10.0, 9.5]
+NONE_GAP, ALL_GAP = [5.0, 6.0, 5.5], [9.0, 10.5, 9.2]
 NONE_PROBE, ALL_PROBE = [0.5, 0.6, 0.4], [0.55, 0.45, 0.5]
 NONE_KL = [[10, 14, 9, 15], [10, 13, 8, 14], [11, 15, 10, 16.5]]
 ALL_KL = [[5, 6, 6.0, 6.1], [5, 6, 6.1, 6.15], [5, 6, 6.05, 6.1]]
@@ -143,24 +148,27 @@ def study(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def table(study) -> pd.DataFrame:
     runs, _ = C.collect_study(study)
-    return S.comparison_table(runs).set_index("metric")
+    return V.secondary_table(runs).set_index("metric")
 
 
 def check_cell(row: pd.Series, none: list[float], all_: list[float]) -> None:
+    """Means and CIs of each arm, and the paired test of the seeds both arms hold (0, 1, 2)."""
     for side, values in (("none", none), ("all", all_)):
         x = np.asarray(values, float)
         half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
         assert row[f"{side}_mean"] == pytest.approx(x.mean(), rel=1e-12)
         assert row[f"{side}_ci"] == pytest.approx(half, rel=1e-12)
         assert row[f"{side}_n"] == len(x)
-    p = stats.ttest_ind(all_, none, equal_var=False).pvalue
-    assert row["p_value"] == pytest.approx(p, rel=1e-12)
+    assert row["test"] == f"paired t ({len(none)} seeds)"
+    assert row["p_value"] == pytest.approx(stats.ttest_rel(all_, none).pvalue, rel=1e-9)
+    d = np.asarray(all_) - np.asarray(none)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-9)
 
 
 def test_comparison_means_cis_and_pvalues_match_scipy(table):
     check_cell(table.loc["test_recon"], NONE_RECON, ALL_RECON)
     check_cell(table.loc["gen_gap"], NONE_GAP, ALL_GAP)
-    check_cell(table.loc["probe_acc"], NONE_PROBE, ALL_PROBE)
     check_cell(table.loc["kl_cv"], [expected_cv(k) for k in NONE_KL], [expected_cv(k) for k in ALL_KL])
     check_cell(table.loc["loss_volatility"], [expected_volatility(zigzag(a)) for a in NONE_AMP],
                [expected_volatility(zigzag(a)) for a in ALL_AMP])
@@ -168,27 +176,27 @@ def test_comparison_means_cis_and_pvalues_match_scipy(table):
     check_cell(table.loc["psnr"], [psnr(r) for r in NONE_RECON], [psnr(r) for r in ALL_RECON])
 
 
-def test_comparison_verdicts(table):
-    verdicts = table["verdict"]
-    assert verdicts["test_recon"] == "Lower"  # p < 0.05, agrees with the seed's claim
-    assert verdicts["kl_cv"] == "More controlled"
-    assert verdicts["gen_gap"] == "Increased"  # p < 0.05 against the seed's "Reduced"
-    assert verdicts["loss_volatility"] == "More stable"
-    assert verdicts["psnr"] == "Higher"  # no seed word: plain direction
-    assert verdicts["probe_acc"] == "no significant difference"
-    assert table.loc["probe_acc", "p_value"] >= 0.05
-    assert verdicts["active_units"] == "no test (no seed-to-seed variance)"
-    assert table.loc["test_recon", "seed_claim"] == "Lower"
+def test_claims_and_secondary_rows_of_the_collected_runs(study, table):
+    runs, _ = C.collect_study(study)
+    claims = V.claims_table(runs).set_index("claim")
+    probe = claims.loc["latent"]
+    assert probe["estimate"] == pytest.approx(np.mean(ALL_PROBE) - np.mean(NONE_PROBE))
+    assert probe["p_value"] == pytest.approx(stats.ttest_rel(ALL_PROBE, NONE_PROBE).pvalue)
+    assert probe["verdict"] == V.INCONCLUSIVE and probe["test"] == "paired t (3 seeds)"
+    assert claims.loc["reconstruction", "note"] == V.NOT_MEASURED  # recon_mean is not in these runs
+    assert table.loc["test_recon", "change"] == "lower in all"
+    assert table.loc["gen_gap", "change"] == "higher in all"
+    assert table.loc["active_units", "change"] == "no seed-to-seed variance: no test"
+    assert table["q_value"].dropna().to_numpy() == pytest.approx(
+        S.benjamini_hochberg(table["p_value"].dropna().to_numpy()))
     assert "test_loss" not in table.index  # totals of β=4 and β=1 runs are never compared
 
 
-def test_diverged_row_and_seed_std_note(table):
+def test_diverged_row(table):
     row = table.loc["diverged"]
     assert (row["none_mean"], row["none_n"], row["all_mean"], row["all_n"]) == (1, 4, 0, 3)
     assert row["p_value"] == pytest.approx(stats.fisher_exact([[1, 3], [0, 3]]).pvalue)
-    assert row["verdict"] == "no significant difference"
-    note = table.loc["loss_volatility", "note"]
-    assert f"none {np.std(NONE_RECON, ddof=1):.4g}" in note and f"all {np.std(ALL_RECON, ddof=1):.4g}" in note
+    assert row["change"] == "no clear difference" and row["claim"] == "stability"
 
 
 def test_single_seed_gives_no_test(tmp_path):
@@ -197,20 +205,21 @@ def test_single_seed_gives_no_test(tmp_path):
     write_run(study, NONE, 1, {"test_recon": 104.0})
     write_run(study, ALL, 0, {"test_recon": 80.0})
     runs, _ = C.collect_study(study)
-    table = S.comparison_table(runs).set_index("metric")
-    assert table.loc["test_recon", "verdict"] == "single seed, no test"
+    table = V.secondary_table(runs).set_index("metric")
+    assert table.loc["test_recon", "change"] == "a single run in an arm: no test"
     assert math.isnan(table.loc["test_recon", "p_value"])
     assert (table.loc["test_recon", "all_mean"], table.loc["test_recon", "all_n"]) == (80.0, 1)
     assert math.isnan(table.loc["test_recon", "all_ci"])
-    markdown = R.render_comparison_markdown(S.comparison_table(runs))
-    assert "80.00 (n=1)" in markdown and "single seed, no test" in markdown
+    assert table.loc["test_recon", "test"] == "Welch t (n = 2, 1)", "seeds 0, 1 against seed 0: not paired"
+    markdown = R.render_secondary_markdown(V.secondary_table(runs))
+    assert "80.00 (n=1)" in markdown and "a single run in an arm: no test" in markdown
 
 
 def test_comparison_refuses_to_pool_setting_groups(study, tmp_path):
     runs, _ = C.collect_study(study)
     other = runs.assign(settings_hash=["other0000hash0000"] * 2 + list(runs["settings_hash"][2:]))
     with pytest.raises(ValueError, match="must not be pooled"):
-        S.comparison_table(other)
+        V.claims_table(other)
 
 
 # ---------------------------------------------------------------------------------------- factorial effects
@@ -350,7 +359,7 @@ def test_a_registered_sixth_regularizer_is_a_factor(tmp_path, monkeypatch):
     assert np.allclose(inter[[f"{r}:toy" for r in REGULARIZERS]], 0, atol=1e-6)
     cells = S.cell_summary(runs)
     assert cells["combo"].iloc[-1] == "wd-do-bn-beta-aug-toy" and cells["toy"].iloc[-1]
-    table = S.comparison_table(runs).set_index("metric")
+    table = V.secondary_table(runs).set_index("metric")
     assert table.loc["test_recon", "all_mean"] == pytest.approx(100.0 + sum(effects.values()))
     R.write_report(study, runs, history)
     text = (study / "report.md").read_text()
@@ -447,7 +456,7 @@ def test_partial_and_corrupt_runs_are_excluded_with_reasons(messy, caplog):
                        ("none_seed5", "history.csv"), ("none_seed6", "config.yaml"),
                        ("wd-do-bn-beta-aug_seed6", "history.csv")):
         assert str(messy / name / file) in logged
-    table = S.comparison_table(runs.reset_index()).set_index("metric")
+    table = V.secondary_table(runs.reset_index()).set_index("metric")
     assert (table.loc["test_recon", "none_n"], table.loc["test_recon", "all_n"]) == (2, 2)
     assert table.loc["test_recon", "none_mean"] == pytest.approx(100.5)
     assert (table.loc["diverged", "all_mean"], table.loc["diverged", "all_n"]) == (1, 3)
@@ -478,7 +487,7 @@ def test_setting_groups_are_reported_separately(tmp_path):
     text = (study / "report.md").read_text()
     assert "2 setting groups" in text and "never pooled" in text
     assert "## Setting group `1111aaaa`" in text and "## Setting group `2222bbbb`" in text
-    first = S.comparison_table(groups["1111aaaa1111aaaa"]).set_index("metric")
+    first = V.secondary_table(groups["1111aaaa1111aaaa"]).set_index("metric")
     assert first.loc["test_recon", "none_mean"] == pytest.approx(100.5)  # the 500s are not pooled in
     assert (study / "figures" / "1111aaaa_curves.png").is_file()
 
@@ -526,12 +535,13 @@ def test_report_files_figures_and_verbatim_table(factorial):
     assert R.main(["--no-wandb", str(factorial)]) == 0
     text = check_report(factorial)
     names = {Path(link).name for link in png_links(text)}
-    assert names == {"curves.png", "gen_gap.png", "main_effects.png", "heatmap_test_recon.png",
-                     "recon_grids.png", "samples.png"}
+    assert names == {"curves.png", "gen_gap.png", "rate_distortion.png", "kl_spectrum.png", "main_effects.png",
+                     "heatmap_test_recon.png", "recon_grids.png", "samples.png"}
     runs = C.read_runs_csv(factorial / "runs.csv")
     assert len(runs) == 64 and runs["included"].all()
     for _, group in S.setting_groups(runs):
-        assert R.render_comparison_markdown(S.comparison_table(group)) in text
+        assert R.render_claims_markdown(V.claims_table(group)) in text
+        assert R.render_secondary_markdown(V.secondary_table(group)) in text
     assert "| cpu | 4 | 32 | 128 | 128 | 10000 | 2000 | 64 |" in text  # settings from config.yaml
     assert "Two-way interactions" in text and "weight decay:dropout" in text
     history = pd.read_csv(factorial / "history.csv")
@@ -551,8 +561,6 @@ def test_wandb_report_run_offline(study, tmp_path):
     assert done.returncode == 0, done.stderr
     runs = list((study / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
-    from wandb_records import read_run
-
     rec = read_run(runs[0])
     trained_under = json.loads(next(study.glob("*/metrics.json")).read_text())["study"]  # e.g. res0/main
     assert trained_under.endswith("/main"), "the fixture's runs were trained under a nested study name"
@@ -561,7 +569,7 @@ def test_wandb_report_run_offline(study, tmp_path):
         "the report run sits in its training runs' W&B group"
     logged = {k: v for row in rec.history for k, v in row.items() if isinstance(v, dict)}
     assert any(v.get("_type") == "table-file" for v in logged.values()), "the tables are wandb.Table"
-    assert any(k.startswith("comparison") for k in logged), sorted(logged)
+    assert any(k.startswith("claims") for k in logged), sorted(logged)
     assert rec.has_image, "the figures are logged as images"
 
 
@@ -569,8 +577,6 @@ def test_wandb_report_run_offline(study, tmp_path):
 
 
 def test_end_to_end_from_real_training_runs(tmp_path):
-    from ablation.synthetic import make_imagefolder
-
     data = make_imagefolder(tmp_path / "data", 256, 128)
     env = os.environ | {"ABLATION_RESULTS": str(tmp_path / "results"), "ABLATION_CACHE": str(tmp_path / "cache"),
                         "WANDB_MODE": "disabled"}
@@ -587,9 +593,10 @@ def test_end_to_end_from_real_training_runs(tmp_path):
     assert len(runs) == 4 and runs["included"].all() and set(runs["status"]) == {"completed"}
     assert runs[["kl_cv", "kl_max_jump", "loss_volatility"]].notna().all().all()
     text = check_report(study)
-    assert R.render_comparison_markdown(S.comparison_table(runs)) in text
-    table = S.comparison_table(runs).set_index("metric")
-    assert (table["none_n"].drop("diverged") == 2).all() and (table["all_n"].drop("diverged") == 2).all()
+    assert R.render_claims_markdown(V.claims_table(runs)) in text
+    table = V.secondary_table(runs).set_index("metric")
+    measured = table[V.measured(table)].drop("diverged")
+    assert (measured["none_n"] == 2).all() and (measured["all_n"] == 2).all()
     assert "| smoke | 3 | 8 | 128 | 128 | 256 | 128 | 4 |" in text
 
 
@@ -621,12 +628,17 @@ def test_loss_volatility_leaves_out_rows_over_fewer_steps():
 
 
 def test_welch_makes_no_test_when_neither_side_varies():
-    words = ("Lower", "Higher")
-    assert S.welch_verdict(pd.Series([20.0] * 3), pd.Series([19.0] * 3), words)[1] == \
-        "no test (no seed-to-seed variance)", "a t-test would call any difference of two constants significant"
-    p, verdict = S.welch_verdict(pd.Series([20.0, 20.5, 19.5]), pd.Series([10.0, 10.5, 9.5]), words)
-    assert verdict == "Lower" and p == pytest.approx(stats.ttest_ind([10, 10.5, 9.5], [20, 20.5, 19.5],
-                                                                     equal_var=False).pvalue)
+    def cells(none: list[float], all_: list[float], all_seeds=(3, 4, 5)) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return (pd.DataFrame({"seed": range(len(none)), "m": none}),
+                pd.DataFrame({"seed": list(all_seeds)[:len(all_)], "m": all_}))
+
+    diff = S.difference(*cells([20.0] * 3, [19.0] * 3), "m")
+    assert not diff.paired and not diff.testable and math.isnan(diff.p_value()), \
+        "a t-test would call any difference of two constants significant"
+    assert "no seed-to-seed variance" in diff.note
+    diff = S.difference(*cells([20.0, 20.5, 19.5], [10.0, 10.5, 9.5]), "m")
+    assert diff.estimate == pytest.approx(-10.0)
+    assert diff.p_value() == pytest.approx(stats.ttest_ind([10, 10.5, 9.5], [20, 20.5, 19.5], equal_var=False).pvalue)
 
 
 def test_p_values_never_round_across_the_threshold():
@@ -640,3 +652,95 @@ def test_a_mean_is_shown_as_finely_as_its_ci():
     assert R._cell(7.873123, 0.00015, 3, "mean") == "7.87312 ± 0.00015 (n=3)"
     assert R._cell(80.3712, 1.5, 3, "mean") == "80.37 ± 1.5 (n=3)", "4 significant digits at least"
     assert R._cell(128.0, 0.0, 3, "mean") == "128.0 ± 0 (n=3)"
+
+
+# ---------------------------------------------------------------------------------------- figures and HTML
+
+
+def test_html_keeps_numbers_whole_and_lets_wide_tables_scroll(tmp_path):
+    text = ("| Metric | p | Note |\n|---|---|---|\n| test recon | 3.9e-05 | "
+            "none does not overfit in any of its 3 runs: gap growth at most 1.1, well under the SESOI |\n")
+    page = R.markdown_to_html(text, tmp_path, "t")
+    assert '<div class="scroll"><table>' in page and "</table></div>" in page
+    assert '<td class="num">3.9e-05</td>' in page, "a p-value never breaks at its minus sign"
+    assert "<td>none does not overfit" in page, "prose may wrap"
+    assert "td.num { white-space: nowrap; }" in page and "div.scroll { overflow-x: auto;" in page
+
+
+def empty_sections(text: str) -> list[str]:
+    """Headings followed directly by another heading of the same or a higher level (an empty section)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    empty = []
+    for here, after in zip(lines, lines[1:]):
+        if here.startswith("#") and after.startswith("#") and len(after.split()[0]) <= len(here.split()[0]):
+            empty.append(here)
+    return empty
+
+
+def test_a_none_vs_all_report_has_no_empty_or_not_estimable_section(study):
+    assert R.main(["--no-wandb", str(study)]) == 0
+    text = (study / "report.md").read_text()
+    assert "### Factorial effects" not in text and "not estimable" not in text
+    assert empty_sections(text) == []
+    assert "## Verdict rules" in text and "| Reduced overfitting | “reduced overfitting” | `gap_growth` |" in text
+
+
+def test_captions_state_the_runs_per_arm_and_claim_no_band_for_one_seed(study, factorial):
+    assert R.main(["--no-wandb", str(study)]) == 0
+    text = (study / "report.md").read_text()
+    assert "3 runs per arm (seeds 0, 1, 2); line: mean, band: ±1 sd over seeds" in text
+    runs, history = C.collect_study(factorial)
+    one = history[history["seed"] == 0]
+    assert F.arm_sizes(one) == "1 run per arm (seed 0); one run, no band"
+    assert "±1 sd" not in F.arm_sizes(one)
+    assert F.arm_sizes(history) == "2 runs per arm (seeds 0, 1); line: mean, band: ±1 sd over seeds"
+
+
+def test_curves_use_eval_mode_columns_only(factorial, tmp_path):
+    _, history = C.collect_study(factorial)
+    eval_only = history.drop(columns=["train_recon", "train_kl", "train_loss"])
+    assert F.curves_figure(eval_only, tmp_path / "curves.png") is not None, "train-mode columns are not needed"
+
+
+def test_a_swept_strength_gets_a_dose_response_figure(tmp_path):
+    rows = []
+    for value, seed in itertools.product((2.0, 4.0, 8.0), (0, 1)):
+        flags = NONE | {"beta": True}
+        rows.append({"run_name": f"beta{value}_seed{seed}", "combo": "beta", "seed": seed, "settings_hash": "h",
+                     **flags, "status": "completed", "included": True, "beta_value": value,
+                     "test_recon": 80 + 5 * value + seed, "test_kl": 30 / value})
+    for seed in (0, 1):
+        rows.append({"run_name": f"none_seed{seed}", "combo": "none", "seed": seed, "settings_hash": "h", **NONE,
+                     "status": "completed", "included": True, "beta_value": 4.0, "test_recon": 80.0 + seed,
+                     "test_kl": 30.0})
+    runs = pd.DataFrame(rows)
+    assert F.swept_strengths(runs) == [("beta", "value")]
+    assert F.swept_strengths(runs[runs["beta_value"] == 4.0]) == [], "on/off alone is not a sweep"
+    path = F.dose_response_figure(runs, "beta", "value", tmp_path / "dose.png")
+    with Image.open(path) as image:
+        image.verify()
+    figures = F.group_figures(tmp_path, runs, pd.DataFrame(), None)
+    assert any(p.name == "dose_beta_value.png" and "Dose–response of β value" in c for c, p in figures)
+
+
+def test_a_study_re_rendered_from_its_tables_keeps_its_image_figures(factorial, tmp_path):
+    assert R.main(["--no-wandb", str(factorial)]) == 0
+    copy = tmp_path / "cifar" / "factorial"
+    copy.mkdir(parents=True)
+    for name in ("runs.csv", "history.csv"):
+        (copy / name).write_bytes((factorial / name).read_bytes())
+    (copy / "figures").mkdir()
+    for png in ("recon_grids.png", "samples.png", "stale.png"):
+        (copy / "figures" / png).write_bytes((factorial / "figures" / "recon_grids.png").read_bytes())
+    runs = C.read_runs_csv(copy / "runs.csv")
+    assert R.main(["--no-wandb", "--from-tables", str(tmp_path)]) == 0
+    text = check_report(copy)
+    names = {Path(link).name for link in png_links(text)}
+    assert {"recon_grids.png", "samples.png", "curves.png"} <= names and "kl_spectrum.png" not in names
+    assert "drawn by an earlier report of these runs" in text
+    assert not (copy / "figures" / "stale.png").exists()
+    rerun = C.read_runs_csv(copy / "runs.csv").set_index("run_name")
+    history = pd.read_csv(copy / "history.csv")
+    for name, rows in history.groupby("run_name"):
+        assert rerun.loc[name, "gap_growth"] == pytest.approx(M.gap_growth(rows))
+    assert len(rerun) == len(runs)

@@ -1,16 +1,23 @@
 """The committed study results agree with themselves: report.md is regenerated from runs.csv.
 
-A stale or hand-edited table in a committed report.md fails here.
+A stale or hand-edited table in a committed report.md fails here, and so does a README verdict
+that is not the committed report's.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from ablation import verdicts as V
 from ablation.collect import read_runs_csv
-from ablation.report import render_comparison_markdown, render_effects_markdown
-from ablation.stats import NotEstimable, comparison_table, has_comparison, main_effects, setting_groups
+from ablation.report import (render_claims_markdown, render_conditional_markdown, render_effects_markdown,
+                             render_rules_markdown, render_secondary_markdown)
+from ablation.stats import (NotEstimable, conditional_effects, has_comparison, interaction_effects, main_effects,
+                            setting_groups)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 COMMITTED = sorted(p.parent for p in RESULTS.rglob("runs.csv") if (p.parent / "report.md").exists())
@@ -26,38 +33,66 @@ def test_report_tables_regenerate_from_runs_csv(study):
     runs = read_runs_csv(study / "runs.csv")
     report = (study / "report.md").read_text()
     assert len(runs) > 0
+    assert render_rules_markdown() in report, "the report states the verdict rules of ablation/verdicts.py"
     for _, group in setting_groups(runs):
         if has_comparison(group):
-            assert render_comparison_markdown(comparison_table(group)) in report
+            assert render_claims_markdown(V.claims_table(group)) in report
+            assert render_secondary_markdown(V.secondary_table(group)) in report
         try:
-            effects = main_effects(group)
+            effects = main_effects(group, V.EFFECT_METRICS)
         except NotEstimable:
+            assert "### Factorial effects" not in report, "no empty effects section"
             continue
         assert render_effects_markdown(effects) in report
+        try:
+            interactions = interaction_effects(group, V.INTERACTION_METRICS)
+        except NotEstimable:
+            continue
+        assert render_effects_markdown(interactions) in report
+        conditional = conditional_effects(group, interactions)
+        if len(conditional):
+            assert render_conditional_markdown(conditional) in report
+
+
+@pytest.mark.parametrize("study", COMMITTED, ids=[str(p.relative_to(RESULTS)) for p in COMMITTED])
+def test_every_committed_claim_has_one_of_the_verdicts(study):
+    for _, group in setting_groups(read_runs_csv(study / "runs.csv")):
+        table = V.claims_table(group)
+        assert list(table["claim"]) == [c.key for c in V.CLAIMS]
+        assert set(table["verdict"]) <= set(V.VERDICTS)
 
 
 @pytest.mark.parametrize("study", COMMITTED, ids=[str(p.relative_to(RESULTS)) for p in COMMITTED])
 def test_report_figures_are_committed(study):
-    import re
-
-    from PIL import Image
-
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (study / "report.md").read_text()):
         with Image.open(study / link) as im:
             im.verify()
 
 
+README_STUDIES = ("none-vs-all", "factorial", "bf16-check")  # the columns of the README's verdict table
+
+
 def test_readme_results_match_the_committed_reports():
-    """The README's Results tables are the committed reports' tables, regenerated from runs.csv."""
+    """The README's per-claim verdicts are the committed reports' verdicts, and its main-effects table is the
+    factorial report's, both regenerated from runs.csv."""
     readme = (RESULTS.parent / "README.md").read_text()
     results_section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
-    seeds = read_runs_csv(RESULTS / "cifar10-cpu" / "none-vs-all" / "runs.csv")
-    (_, group), = setting_groups(seeds)
-    assert render_comparison_markdown(comparison_table(group)) in results_section
+    verdicts = {}
+    for study in README_STUDIES:
+        (_, group), = setting_groups(read_runs_csv(RESULTS / "cifar10-cpu" / study / "runs.csv"))
+        verdicts[study] = V.claims_table(group).set_index("claim")["verdict"]
+    rows = [line for line in results_section.splitlines() if line.startswith("| ")]
+    for claim in V.CLAIMS:
+        row = f"| {claim.title} | `{claim.primary}` | " + " | ".join(verdicts[s][claim.key] for s in README_STUDIES)
+        assert row + " |" in rows, f"README verdict row for {claim.title!r} is not the reports'"
+    for line in results_section.splitlines():  # every verdict the prose names is the none-vs-all report's
+        for claim in V.CLAIMS:
+            if line.startswith(f"- **{claim.title}: "):
+                said = line.split(": ", 1)[1].split("**", 1)[0].rstrip(".")
+                assert said == verdicts["none-vs-all"][claim.key], (claim.title, said)
     factorial = RESULTS / "cifar10-cpu" / "factorial" / "runs.csv"
-    if factorial.exists():
-        (_, group), = setting_groups(read_runs_csv(factorial))
-        assert render_effects_markdown(main_effects(group)) in results_section
+    (_, group), = setting_groups(read_runs_csv(factorial))
+    assert render_effects_markdown(main_effects(group, V.EFFECT_METRICS)) in results_section
 
 
 def test_readme_benchmark_tables_are_the_committed_bench():
@@ -72,8 +107,6 @@ def test_readme_benchmark_tables_are_the_committed_bench():
 
 def test_readme_bf16_checks_are_the_committed_bf16_bench():
     """The README's bf16 check table is results/bench/bf16/bench.md's, and that run was in bf16."""
-    import json
-
     bench = json.loads((RESULTS / "bench" / "bf16" / "bench.json").read_text())
     assert bench["settings"]["precision"] == "bf16"
     bench_md = (RESULTS / "bench" / "bf16" / "bench.md").read_text()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ablation.regularizers import flags
+from ablation.classifier import load_or_train
 from ablation.data import ImageData, TrainBatches, eval_batches, to_unit_range
 from ablation.evaluate import evaluate
 from ablation.model import VAE, VAEConfig, build_model
@@ -300,8 +301,11 @@ def test_final_metrics_reuse_the_last_epoch_evaluation(compose_cfg, tmp_path, mo
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: calls.append(a[1].shape[0]) or real_evaluate(*a, **k))
     reused = trainer.final()
     assert calls == [], "final() evaluated again instead of reusing the last epoch's evaluation"
+    s = trainer.s
     fresh = final_metrics(trainer.model, data.test_x, data.test_y, trainer.trainsub_x, trainer.trainsub_y,
-                          trainer.s.beta, trainer.s.eval_batch_size)
+                          s.beta, s.eval_batch_size, iw_samples=s.iw_samples, iw_images=s.iw_images,
+                          sample_images=s.sample_images, seed=s.seed,
+                          classifier=load_or_train(trainer.data, s.cache_dir, s.classifier_epochs))
     assert calls == [48, 48], "a fresh final_metrics() evaluates the test set and the train subset"
     assert reused == fresh
     assert reused["test_recon"] == trainer.epoch_rows[-1]["test_recon"]

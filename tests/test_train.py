@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -158,3 +159,21 @@ def test_bf16_on_cpu_trains_where_the_cpu_has_bf16_and_is_refused_elsewhere(env)
     for key in ("test_recon", "test_kl", "trainsub_recon", "psnr", "neg_elbo"):
         assert isinstance(m[key], float) and m[key] == m[key] and abs(m[key]) < 1e6, key  # finite numbers
     assert m["test_recon"] > 0 and m["test_kl"] >= 0
+
+
+def test_a_smoke_run_writes_every_final_measure(env):
+    """Every metric of FINAL_METRICS is in metrics.json: a finite number, or null with its reason."""
+    from ablation.metrics import FINAL_METRICS, METRICS
+
+    train("regularizer=all", env=env)
+    m = json.loads((Path(env["ABLATION_RESULTS"]) / "main" / "wd-do-bn-beta-aug_seed0" / "metrics.json").read_text())
+    skipped = m.get("measures_skipped", {})
+    for key in FINAL_METRICS:
+        assert key in m, key
+        if m[key] is None:
+            assert skipped.get(key), f"{key} is null without a reason"
+        else:
+            assert math.isfinite(m[key]), (key, m[key])
+    spectrum = m["kl_spectrum"]
+    assert len(spectrum) == 128 and spectrum == sorted(spectrum, reverse=True) and "kl_spectrum" in METRICS
+    assert abs(sum(spectrum) - m["test_kl"]) <= 1e-3 * max(1.0, m["test_kl"])
