@@ -8,7 +8,7 @@ RESULTS ?= $(or $(ABLATION_RESULTS),results)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean
+.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,3 +60,13 @@ study-cpu-bf16: install ## Part 1's none,all for seed 0 in bf16 (CPUs with bf16 
 clean: ## Remove caches (keeps .venv and results)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+# The paper-scale study on a lent GPU machine (scripts/gpu_study.sh; docs/gpu.md).
+GPU_DIR ?= .gpu
+
+gpu-prep: install ## Fill .gpu/ with what the GPU machine lacks (pure-Python packages, the data archive)
+	$(PY) scripts/gpu_prepare.py $(GPU_DIR) --data $(STUDY_DATA)
+
+gpu-dry-run: install ## Run scripts/gpu_study.sh's steps on this CPU at budget=smoke
+	GPU_STUDY_DRY=1 PYTHON=$(PY) OUT=$${OUT:-/tmp/gpu-out} GPU_STUDY_WORK=$${GPU_STUDY_WORK:-/tmp/gpu-work} \
+	  ABLATION_DATA=$(STUDY_DATA) bash scripts/gpu_study.sh

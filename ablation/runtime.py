@@ -122,6 +122,7 @@ def prepare(cfg: DictConfig, job_num: int = 0, launcher: DictConfig | None = Non
         raise ConfigError("trainer.compile=true is supported on CUDA only (inductor on the CPU needs a C++ "
                           "toolchain and minutes of compilation for no gain at these sizes); use trainer.compile=false")
     precision = resolve_precision(cfg.trainer.precision, device)
+    cfg.trainer.precision = precision  # hashed and recorded as resolved: auto on a CPU and on a GPU differ
     return Runtime(device, precision, choose_threads(cfg.trainer.threads, launcher)), budget
 
 

@@ -123,7 +123,12 @@ def start(cfg_logger, *, run_dir: Path, name: str, group: str, job_type: str, ta
     if mode == "disabled":
         log.info("W&B disabled (%s)", reason)
         return NullLogger()
-    import wandb
+    try:
+        import wandb
+    except ImportError:  # e.g. a GPU machine whose image lacks it: the local files are the record
+        log.warning("logger=wandb but the wandb package is not installed; training without W&B "
+                    "(pip install wandb, or pass logger=none)")
+        return NullLogger()
 
     os.environ.setdefault("WANDB_SILENT", "true")
     wandb_dir = Path(run_dir)

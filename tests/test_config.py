@@ -214,3 +214,16 @@ def test_bf16_on_a_cpu_with_bf16_runs_the_convolutions_in_bf16():
     with autocast():
         y = conv(torch.rand(2, 3, 8, 8))
     assert y.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32
+
+
+def test_auto_precision_is_hashed_as_it_resolves(compose_cfg):
+    """trainer.precision=auto is fp32 on a CPU and bf16 on a bf16 GPU: two trainings, two hashes."""
+    from ablation.runtime import prepare
+
+    cfg = compose_cfg("budget=smoke", "trainer.device=cpu")
+    runtime, _ = prepare(cfg)
+    assert runtime.precision == "fp32" and cfg.trainer.precision == "fp32", "recorded as resolved"
+    gpu = compose_cfg("budget=smoke", "trainer.device=cpu")
+    prepare(gpu)
+    gpu.trainer.precision = "bf16"  # what prepare() records for auto on a GPU with bf16
+    assert C.config_hash(gpu) != C.config_hash(cfg) and C.settings_hash(gpu) != C.settings_hash(cfg)

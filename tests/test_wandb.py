@@ -360,3 +360,16 @@ def test_diverged_run_is_recorded_as_diverged(tmp_path, wb_env):
     assert_summary_matches(rec.summary, metrics)
     assert_summary_written_last(rec)
     assert [row["_step"] for row in rec.history] == [1] and math.isnan(rec.history[0]["train/loss"])
+
+
+def test_a_missing_wandb_package_is_one_warning_and_the_run_goes_on(tmp_path, wb_env):
+    """As on a GPU machine whose image lacks wandb: logger=wandb degrades to the local files."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "wandb.py").write_text("raise ImportError('No module named wandb')\n")
+    results = tmp_path / "results"
+    proc = train(results, "study=nowb", env=wb_env, WANDB_MODE="offline", PYTHONPATH=str(hide))
+    run_dir = results / "nowb" / RUNS["none"]
+    assert metrics_of(run_dir)["status"] == "completed"
+    assert (proc.stdout + proc.stderr).count("the wandb package is not installed") == 1
+    assert not (run_dir / "wandb").exists()
