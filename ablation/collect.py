@@ -153,7 +153,8 @@ def read_settings(path: Path) -> dict:
         cfg = OmegaConf.load(path)
         return {"budget": cfg.budget.name, "epochs": cfg.trainer.epochs, "width": cfg.model.width,
                 "latent_dim": cfg.model.latent_dim, "batch_size": cfg.trainer.batch_size,
-                "train_size": cfg.data.train_size, "test_size": cfg.data.test_size, "lr": OmegaConf.select(cfg, "optim.lr"),
+                "train_size": cfg.data.train_size, "test_size": cfg.data.test_size,
+                "lr": OmegaConf.select(cfg, "optim.lr"), "precision": OmegaConf.select(cfg, "trainer.precision"),
                 "seed": cfg.seed,
                 "spike_k": OmegaConf.select(cfg, "eval.spike_k", default=EvalConfig.spike_k),
                 "spike_window": OmegaConf.select(cfg, "eval.spike_window", default=EvalConfig.spike_window),
@@ -248,6 +249,9 @@ def collect_run(run_dir: Path, study: str) -> tuple[dict, pd.DataFrame | None]:
     row |= {k: identity.get(k) for k in ("seed", *SETTINGS, *strength_columns(), *regularizers)}
     row |= {"study": metrics.get("study") or study, "run_name": run_dir.name, "status": status, "included": not reason,
             "excluded_reason": reason or None, "combo": R.combo_name(identity) if known_flags else None}
+    if settings.get("precision") == "auto" and metrics.get("precision") and row["settings_hash"]:
+        # a run made while auto was hashed as written: the precision it recorded decides its group
+        row["settings_hash"] = f"{row['settings_hash']}-{metrics['precision']}"
     if not reason:
         row |= derived_metrics(history, settings["spike_k"], settings["spike_window"])
     return row, history

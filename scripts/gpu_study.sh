@@ -13,7 +13,8 @@
 #
 # Environment: OUT (where the archive goes; default ./gpu-out), PYTHON (default python3),
 # GPU_STUDY_SECONDS (the study's deadline from the script's start; default 480), GPU_CARRY (.gpu),
-# ABLATION_DATA (default: the archive in $GPU_CARRY), GPU_STUDY_WORK (results folder to resume in).
+# ABLATION_DATA (default: the archive in $GPU_CARRY), GPU_STUDY_WORK (results folder to resume in),
+# GPU_STUDY_JOBS (runs trained at once on the one GPU, through the joblib launcher; default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,7 @@ else
   bench=(--device cuda --no-rss --images 20480 --repeats 3)
 fi
 study=cifar10-paper
+jobs=${GPU_STUDY_JOBS:-3}
 
 echo "== environment"
 GPU_STUDY_DEVICE=$device "$PY" - <<'PY'
@@ -69,7 +71,7 @@ echo "== bench"
 echo "== study until $(date -d @"$ABLATION_DEADLINE" +%T 2>/dev/null || echo "$ABLATION_DEADLINE")"
 status=0
 "$PY" -m ablation.train -m regularizer=none,all seed=$seeds budget=$budget trainer.device=$device logger=none \
-  study=$study "${extra[@]}" || status=$?
+  study=$study hydra/launcher=joblib hydra.launcher.n_jobs=$jobs "${extra[@]}" || status=$?
 "$PY" -m ablation.report "$ABLATION_RESULTS/$study" --no-wandb || status=$?
 
 "$PY" - "$work" "$OUT/gpu-results.tar.gz" <<'PY'

@@ -744,3 +744,19 @@ def test_a_study_re_rendered_from_its_tables_keeps_its_image_figures(factorial, 
     for name, rows in history.groupby("run_name"):
         assert rerun.loc[name, "gap_growth"] == pytest.approx(M.gap_growth(rows))
     assert len(rerun) == len(runs)
+
+
+def test_runs_whose_config_says_auto_are_grouped_by_the_precision_they_recorded(tmp_path):
+    """Runs made while precision=auto was hashed as written share a settings_hash on a CPU (fp32) and a
+    GPU (bf16): the precision each recorded keeps them apart."""
+    study = tmp_path / "results" / "mixed"
+    for seed, precision in ((0, "fp32"), (1, "bf16"), (2, "fp32")):
+        run_dir = write_run(study, NONE, seed)
+        cfg = run_dir / "config.yaml"
+        cfg.write_text(cfg.read_text().replace("trainer:\n", "trainer:\n  precision: auto\n"))
+        record = json.loads((run_dir / "metrics.json").read_text()) | {"precision": precision}
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+    runs, _ = C.collect_study(study)
+    hashes = runs.set_index("seed")["settings_hash"]
+    assert hashes[0] == hashes[2] == "aaaa1111bbbb2222-fp32" and hashes[1] == "aaaa1111bbbb2222-bf16"
+    assert len(S.setting_groups(runs)) == 2
