@@ -178,6 +178,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.image_interval >= 1, f"trainer.image_interval={cfg.trainer.image_interval} must be >= 1"),
         (cfg.trainer.threads >= 0, f"trainer.threads={cfg.trainer.threads} must be >= 0 (0 = automatic)"),
         (cfg.augmentation.crop_padding >= 0, f"augmentation.crop_padding={cfg.augmentation.crop_padding} must be >= 0"),
+        (cfg.augmentation.pad_mode in ("zeros", "reflect"),
+         f"augmentation.pad_mode={cfg.augmentation.pad_mode!r} is not one of zeros, reflect"),
         (cfg.trainer.precision in ("auto", "fp32", "bf16"),
          f"trainer.precision={cfg.trainer.precision!r} is not one of auto, fp32, bf16"),
         (cfg.logger.backend in ("wandb", "none"), f"logger.backend={cfg.logger.backend!r} is not one of wandb, none"),

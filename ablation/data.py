@@ -383,23 +383,26 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
-def augment(x: torch.Tensor, flip: bool, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip (p=0.5) and random crop after zero padding, per image, batch-wise.
+def augment(x: torch.Tensor, flip: bool, padding: int, generator: torch.Generator,
+            pad_mode: str = "zeros") -> torch.Tensor:
+    """Random horizontal flip (p=0.5) and random crop after padding, per image, batch-wise.
 
     Equivalent in distribution to torchvision's RandomHorizontalFlip() and
-    RandomCrop(size, padding=padding) with fill 0: the crop offsets are uniform over
+    RandomCrop(size, padding=padding) with fill 0 (pad_mode="zeros") or
+    padding_mode="reflect" (pad_mode="reflect"): the crop offsets are uniform over
     (2*padding+1)^2 positions. Works on uint8 or float tensors on any device; the random
     draws come from `generator`, which lives on the same device as `x` (no host round trip).
 
     Flip, pad and crop are one gather from the padded batch: flipping commutes with the
-    symmetric zero padding, so a flipped image's crop at column offset ox reads padded
+    left-right symmetric zero or reflect padding, so a flipped image's crop at column offset ox reads padded
     columns W'-1-ox-j instead of ox+j (W' the padded width).
     """
     n, c, h, w = x.shape
     dev = x.device
     flipped = torch.rand(n, generator=generator, device=dev) < 0.5 if flip else None
     if padding > 0:
-        x = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        x = torch.nn.functional.pad(x, (padding, padding, padding, padding),
+                                    mode="constant" if pad_mode == "zeros" else "reflect")
         oy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
         ox = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=dev)
     else:
@@ -421,11 +424,13 @@ class TrainBatches:
     resumed run sees exactly the same batches.
     """
 
-    def __init__(self, images: torch.Tensor, batch_size: int, flip: bool, padding: int, seed: int) -> None:
+    def __init__(self, images: torch.Tensor, batch_size: int, flip: bool, padding: int, seed: int,
+                 pad_mode: str = "zeros") -> None:
         self.images = images
         self.batch_size = batch_size
         self.flip = flip
         self.padding = padding
+        self.pad_mode = pad_mode
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def __len__(self) -> int:
@@ -437,7 +442,7 @@ class TrainBatches:
         for start in range(0, n, self.batch_size):
             x = self.images[order[start:start + self.batch_size]]
             if self.flip or self.padding:
-                x = augment(x, self.flip, self.padding, self.generator)
+                x = augment(x, self.flip, self.padding, self.generator, self.pad_mode)
             yield to_unit_range(x)
 
 

@@ -10,7 +10,7 @@ a group's `off` values while it is off, so `beta=off beta.value=2` trains with b
     dropout       do    model      Dropout(p=0.3) after each hidden block
     batchnorm     bn    model      BatchNorm2d after each hidden conv/deconv
     beta          beta  objective  the KL weighted by 4
-    augmentation  aug   data       random horizontal flip + random crop (padding 4)
+    augmentation  aug   data       random horizontal flip + random crop (zero padding 4)
 
 Run names (`wd-do-bn-beta-aug_seed0`, `none_seed0`), the analysis's flags and factorial
 factors, and the presets' validation are all derived from `REGISTRY` in this order. Adding a
@@ -53,7 +53,8 @@ class BetaConfig:
 class AugmentationConfig:
     enabled: bool = False
     flip: bool = True  # random horizontal flip, p=0.5
-    crop_padding: int = 4  # random crop back to the image size after zero padding
+    crop_padding: int = 4  # random crop back to the image size after padding by this many pixels
+    pad_mode: str = "zeros"  # the crop's padding: zeros (the seed's) | reflect
 
 
 @dataclass(frozen=True)

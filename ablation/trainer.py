@@ -79,6 +79,7 @@ class RunSettings:
     sample_images: int = EvalConfig.sample_images
     classifier_epochs: int = EvalConfig.classifier_epochs
     inception_weights: str | None = None
+    pad_mode: str = "zeros"  # augmentation's crop padding: zeros | reflect
     cache_dir: str | None = None  # where the suite classifier is cached (data.cache_dir); None = not measured
 
     @classmethod
@@ -88,7 +89,7 @@ class RunSettings:
             epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
             eval_batch_size=cfg.trainer.eval_batch_size, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             weight_decay=reg.weight_decay.value, beta=reg.beta.value, flip=reg.augmentation.flip,
-            crop_padding=reg.augmentation.crop_padding, seed=cfg.seed, subset_seed=cfg.data.subset_seed,
+            crop_padding=reg.augmentation.crop_padding, pad_mode=reg.augmentation.pad_mode, seed=cfg.seed, subset_seed=cfg.data.subset_seed,
             log_interval=step_row_interval(cfg), image_interval=cfg.trainer.image_interval,
             wandb_image_interval=cfg.logger.image_interval if cfg.logger.backend == "wandb" else 0,
             checkpoint=cfg.trainer.checkpoint, val_size=cfg.data.val_size,
@@ -147,7 +148,7 @@ class Trainer:
         self.autocast = autocast
         self.optimizer = make_optimizer(model, settings)
         self.batches = TrainBatches(data.train_x, settings.batch_size, settings.flip, settings.crop_padding,
-                                    seed=settings.seed)
+                                    seed=settings.seed, pad_mode=settings.pad_mode)
         sub = stratified_indices(data.train_y, data.test_x.shape[0], settings.subset_seed + 2)
         self.trainsub_x, self.trainsub_y = data.train_x[sub.to(data.train_x.device)], data.train_y[sub.to(data.train_y.device)]
         self.grid_x = data.test_x[first_of_each_class(data.test_y, GRID_CLASSES).to(data.test_x.device)]

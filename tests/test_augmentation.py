@@ -142,3 +142,21 @@ def test_same_generator_seed_gives_the_same_batches():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert [x.shape[0] for x in a] == [128, 128, 44]
     assert all(x.min() >= -1.0 and x.max() <= 1.0 for x in a)
+
+
+def test_reflect_padding_gives_exact_flipped_reflect_padded_crops():
+    """pad_mode=reflect: each output is a crop of the reflect-padded (possibly flipped) image, as
+    torchvision's RandomCrop(padding_mode="reflect") cuts, and every offset occurs."""
+    image = coordinate_image()
+    out = augment(image.expand(4000, -1, -1, -1).contiguous(), True, PAD, torch.Generator().manual_seed(7),
+                  pad_mode="reflect")
+    assert (out[:, 2] == 255).all(), "no zero padding anywhere"
+    seen = set()
+    for i in range(0, 4000, 7):
+        matches = [(f, oy, ox) for f in (False, True) for oy in range(CELLS) for ox in range(CELLS)
+                   if torch.equal(out[i], F.pad((image.flip(2) if f else image).unsqueeze(0).float(),
+                                                (PAD,) * 4, mode="reflect")[0, :, oy:oy + SIZE, ox:ox + SIZE]
+                                  .to(torch.uint8))]
+        assert matches, i
+        seen.add(matches[0][1:])
+    assert len(seen) == CELLS * CELLS

@@ -24,8 +24,8 @@ TABLE = {
     ("batchnorm", "on"): {"enabled": True},
     ("beta", "off"): {"enabled": False, "value": 1.0},
     ("beta", "on"): {"enabled": True, "value": 4.0},
-    ("augmentation", "off"): {"enabled": False, "flip": False, "crop_padding": 0},
-    ("augmentation", "on"): {"enabled": True, "flip": True, "crop_padding": 4},
+    ("augmentation", "off"): {"enabled": False, "flip": False, "crop_padding": 0, "pad_mode": "zeros"},
+    ("augmentation", "on"): {"enabled": True, "flip": True, "crop_padding": 4, "pad_mode": "zeros"},
 }
 
 
