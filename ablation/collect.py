@@ -38,10 +38,20 @@ TEXT_COLUMNS = ("study", "run_name", "combo", "settings_hash", "status", "exclud
 
 
 def strength_columns() -> tuple[str, ...]:
-    """`<group>_<field>` for each registered regularizer's numeric settings (its effective strength,
-    e.g. beta_value, dropout_p): the dose-response figure's x axes."""
+    """`<group>_<field>` for each registered regularizer's settings besides its switch, at their effective
+    values (beta_value, dropout_p, augmentation_pad_mode ...): the dose-response figure's x axes, and what
+    tells the cells of a dose sweep apart."""
     return tuple(f"{r.group}_{f.name}" for r in R.REGISTRY.values() for f in dataclasses.fields(r.schema)
-                 if f.name != "enabled" and f.type in ("float", "int", float, int))
+                 if f.name != "enabled")
+
+
+def strength_note(identity: dict) -> str:
+    """` (beta.value=2.0)` when a regularizer that is on runs at a strength other than the seed's, else ''; so
+    that runs of a dose sweep form cells of their own."""
+    changed = [f"{r.group}.{f.name}={identity[f'{r.group}_{f.name}']}" for r in R.REGISTRY.values()
+               if R.as_bool(identity.get(r.group)) for f in dataclasses.fields(r.schema)
+               if f.name != "enabled" and identity.get(f"{r.group}_{f.name}") not in (None, f.default)]
+    return f" ({', '.join(changed)})" if changed else ""
 
 
 def run_columns() -> tuple[str, ...]:
@@ -248,7 +258,8 @@ def collect_run(run_dir: Path, study: str) -> tuple[dict, pd.DataFrame | None]:
     row = dict.fromkeys(columns) | {k: metrics[k] for k in columns if k in metrics}
     row |= {k: identity.get(k) for k in ("seed", *SETTINGS, *strength_columns(), *regularizers)}
     row |= {"study": metrics.get("study") or study, "run_name": run_dir.name, "status": status, "included": not reason,
-            "excluded_reason": reason or None, "combo": R.combo_name(identity) if known_flags else None}
+            "excluded_reason": reason or None,
+            "combo": R.combo_name(identity) + strength_note(identity) if known_flags else None}
     if settings.get("precision") == "auto" and metrics.get("precision") and row["settings_hash"]:
         # a run made while auto was hashed as written: the precision it recorded decides its group
         row["settings_hash"] = f"{row['settings_hash']}-{metrics['precision']}"

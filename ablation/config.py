@@ -133,12 +133,20 @@ def schema() -> type:
 warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name")
 
 
+def half_fraction(*switches) -> bool:
+    """The generator of a 2^(k-1) resolution-(k) half fraction: on exactly when the product of the other
+    factors in -1/+1 coding is +1, i.e. when an even number of them is off (conf/sweep/half_factorial.yaml)."""
+    return sum(not R.as_bool(s) for s in switches) % 2 == 0
+
+
 def register() -> None:
     """Register the schema (with the regularizers registered so far) and the resolvers; call again
     after registering another regularizer."""
     ConfigStore.instance().store(name="base_config", node=schema())
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", R.run_name_resolver)
+    if not OmegaConf.has_resolver("half_fraction"):
+        OmegaConf.register_new_resolver("half_fraction", half_fraction)
 
 
 register()

@@ -17,6 +17,7 @@ Every statistic is defined in statistics(); the report's appendix prints the def
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -429,16 +430,30 @@ def _interaction_rhs(factors: list[str]) -> str:
     return f"({' + '.join(factors)})**2"
 
 
-def interaction_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = INTERACTION_METRICS) -> pd.DataFrame:
-    """Two-way interactions (with all main effects) of the full 2^k factorial of the k registered
-    regularizers: OLS with all pairwise terms, q_value the Benjamini–Hochberg q over the table.
+def _interaction_factors(design: pd.DataFrame) -> list[str]:
+    """The regularizers that vary over the design, when every main effect and every two-way interaction of them
+    can be estimated (a full factorial, or a fraction of resolution V or higher); NotEstimable otherwise."""
+    factors = [r for r in R.names() if design[r].nunique() > 1]
+    coded = 2 * design[factors].to_numpy(float) - 1
+    columns = [np.ones(len(design)), *coded.T, *(coded[:, i] * coded[:, j]
+                                                   for i, j in itertools.combinations(range(len(factors)), 2))]
+    if len(factors) < 2 or np.linalg.matrix_rank(np.column_stack(columns)) < len(columns):
+        raise NotEstimable(f"the regularizer combinations present confound the two-way interactions of "
+                           f"{', '.join(factors) or 'no varying regularizer'}; they need a full factorial "
+                           f"(+sweep=factorial) or a resolution-V fraction (+sweep=half_factorial)")
+    return factors
 
-    Raises NotEstimable unless all 2^k combinations are present. Rows with df_resid 0 have no CI.
+
+def interaction_effects(runs: pd.DataFrame, metrics: tuple[str, ...] = INTERACTION_METRICS) -> pd.DataFrame:
+    """Two-way interactions (with all main effects) of the regularizers that vary: OLS with all pairwise terms,
+    q_value the Benjamini–Hochberg q over the table.
+
+    Raises NotEstimable unless the design estimates them all: the full 2^k factorial, or a fraction of
+    resolution V (+sweep=half_factorial, where each is aliased only with three-factor and higher
+    interactions, taken as 0). Rows with df_resid 0 have no CI.
     """
-    factors = list(R.names())
-    if not is_full_factorial(runs):
-        raise NotEstimable(f"two-way interactions need all {2 ** len(factors)} regularizer combinations")
     design = _design(runs)
+    factors = _interaction_factors(design)
     return _effects_frame([row for m in metrics for row in _fit_effects(design, m, factors, _interaction_rhs(factors))])
 
 
@@ -460,8 +475,8 @@ CONDITIONAL_COLUMNS = ("metric", "factor", "given", "given_on", "estimate", "ci_
 def conditional_effects(runs: pd.DataFrame, interactions: pd.DataFrame) -> pd.DataFrame:
     """The effect of A with B off and with B on (the others averaged), with 95% CIs from the interaction model,
     for every qualifying_interactions (metric, A, B): A's main effect ∓ half the A:B interaction."""
-    factors = list(R.names())
     design = _design(runs)
+    factors = _interaction_factors(design)
     rows = []
     for metric, a, b in qualifying_interactions(interactions):
         fit = _fit(design, metric, factors, _interaction_rhs(factors))

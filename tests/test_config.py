@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -227,3 +228,54 @@ def test_auto_precision_is_hashed_as_it_resolves(compose_cfg):
     prepare(gpu)
     gpu.trainer.precision = "bf16"  # what prepare() records for auto on a GPU with bf16
     assert C.config_hash(gpu) != C.config_hash(cfg) and C.settings_hash(gpu) != C.settings_hash(cfg)
+
+
+def _grid(compose_cfg, sweep: str) -> list[tuple[object, list[str]]]:
+    """Every grid point of a sweep preset as (composed config, its overrides), as the basic sweeper expands it."""
+    params = compose_cfg(f"+sweep={sweep}", hydra_cfg=True).hydra.sweeper.params
+    axes = [[f"{k}={v.strip()}" for v in str(values).split(",")] for k, values in params.items()]
+    return [(compose_cfg("budget=smoke", f"+sweep={sweep}", *point, hydra_cfg=True), list(point))
+            for point in itertools.product(*axes)]
+
+
+def test_the_half_fraction_is_resolution_five(compose_cfg):
+    grid = _grid(compose_cfg, "half_factorial")
+    cells = [tuple(R.flags(cfg).values()) for cfg, _ in grid]
+    assert len(grid) == 16 and len(set(cells)) == 16
+    coded = np.array([[1 if on else -1 for on in cell] for cell in cells])
+    assert (coded.prod(axis=1) == 1).all(), "defining relation I = ABCDE"
+    for i, j in itertools.combinations(range(5), 2):  # main effects and two-factor interactions all orthogonal
+        assert coded[:, i] @ coded[:, j] == 0
+    assert len({cfg.run_name for cfg, _ in grid}) == 16
+
+
+@pytest.mark.parametrize("sweep,key,expected", [
+    ("dose_beta", "beta.value", [1.0, 2.0, 4.0, 8.0]),
+    ("dose_dropout", "dropout.p", [0.1, 0.3, 0.5]),
+    ("dose_weight_decay", "weight_decay.value", [1e-5, 1e-4, 1e-3]),
+])
+def test_dose_sweeps_compose_to_their_strengths(compose_cfg, sweep, key, expected):
+    grid = _grid(compose_cfg, sweep)
+    group, field = key.split(".")
+    got = [getattr(getattr(R.effective(cfg), group), field) for cfg, _ in grid]
+    assert got == expected
+    assert all(R.flags(cfg) == {g: g == group for g in R.names()} for cfg, _ in grid), "everything else off"
+    dirs = {OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"] for cfg, _ in grid}
+    assert len(dirs) == 1 and f"${{{key}}}" in dirs.pop(), "each strength gets its own run directory"
+
+
+def test_augmentation_variants_compose(compose_cfg):
+    variants = {}
+    for cfg, point in _grid(compose_cfg, "dose_augmentation"):
+        aug = R.effective(cfg).augmentation
+        variants[point[0]] = (aug.enabled, aug.flip, aug.crop_padding, aug.pad_mode)
+    assert variants == {"augmentation=flip": (True, True, 0, "zeros"), "augmentation='on'": (True, True, 4, "zeros"),
+                        "augmentation=reflect": (True, True, 4, "reflect")}
+
+
+def test_the_learning_rate_sweep_covers_its_grid(compose_cfg):
+    grid = _grid(compose_cfg, "lr_stability")
+    cells = {(cfg.optim.lr, cfg.run_name) for cfg, _ in grid}
+    assert len(grid) == 16 and len(cells) == 16
+    assert {lr for lr, _ in cells} == {1e-3, 3e-3, 1e-2, 3e-2}
+    assert {name for _, name in cells} == {"none_seed0", "wd-do-bn-beta-aug_seed0", "bn_seed0", "do_seed0"}
