@@ -8,7 +8,7 @@ RESULTS ?= $(or $(ABLATION_RESULTS),results)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run
+.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run study-pilot
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -70,3 +70,16 @@ gpu-prep: install ## Fill .gpu/ with what the GPU machine lacks (pure-Python pac
 gpu-dry-run: install ## Run scripts/gpu_study.sh's steps on this CPU at budget=smoke
 	GPU_STUDY_DRY=1 PYTHON=$(PY) OUT=$${OUT:-/tmp/gpu-out} GPU_STUDY_WORK=$${GPU_STUDY_WORK:-/tmp/gpu-work} \
 	  ABLATION_DATA=$(STUDY_DATA) bash scripts/gpu_study.sh
+
+# Part 0 of the study that can answer the seed (results/cifar10-pilot/): find the training-set size at which
+# `none` overfits. none vs all, seed 0, width 32, fp32, 2,000 test and 500 validation images carved from the
+# training set, each size trained long enough for none's validation recon to pass its minimum. Resumable.
+PILOT = ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m regularizer=none,all seed=0 budget=cpu \
+  trainer.precision=fp32 data.test_size=2000 data.val_size=500 study=cifar10-pilot results_dir=$(RESULTS) \
+  'hydra.sweep.subdir=$${run_name}_n$${data.train_size}'
+
+study-pilot: install ## Part 0: none vs all on 2k/5k/10k training images, long enough to overfit (~30 min)
+	$(PILOT) data.train_size=2000 trainer.epochs=150
+	$(PILOT) data.train_size=5000 trainer.epochs=120
+	$(PILOT) data.train_size=10000 trainer.epochs=80
+	$(PY) -m ablation.report $(RESULTS)/cifar10-pilot --no-wandb
