@@ -8,7 +8,8 @@ RESULTS ?= $(or $(ABLATION_RESULTS),results)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run study-pilot
+.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run study-pilot \
+  study-5k study-5k-a study-5k-a-bf16 study-5k-b study-5k-c study-5k-d study-5k-e
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -83,3 +84,45 @@ study-pilot: install ## Part 0: none vs all on 2k/5k/10k training images, long e
 	$(PILOT) data.train_size=5000 trainer.epochs=120
 	$(PILOT) data.train_size=10000 trainer.epochs=80
 	$(PY) -m ablation.report $(RESULTS)/cifar10-pilot --no-wandb
+
+# Parts A-E of the study that can answer the seed, in the regime the pilot chose (results/cifar10-5k/):
+# 5,000 class-stratified training images of which 500 validate, 2,000 test images, width 32, 120 epochs.
+# Each part is resumable: rerun its target to finish it, and finished runs are skipped.
+# SEEDS_A / SEEDS_B / ... choose the seeds a piece runs, e.g. `make study-5k-a SEEDS_A=3,4`.
+REGIME_5K = ABLATION_DATA=$(STUDY_DATA) $(PY) -m ablation.train -m budget=cpu data.train_size=5000 \
+  data.val_size=500 data.test_size=2000 trainer.epochs=120 results_dir=$(RESULTS)
+REPORT_5K = $(PY) -m ablation.report --no-wandb
+SEEDS_A ?= 0,1,2,3,4
+SEEDS_A_BF16 ?= 0,1,2
+SEEDS_B ?= 0,1
+SEEDS_C ?= 0,1,2
+SEEDS_D ?= 0,1
+SEEDS_E ?= 0,1,2
+C_EPOCHS ?= 20
+
+study-5k: study-5k-a study-5k-a-bf16 study-5k-b study-5k-c study-5k-d ## Parts A-D of the 5k-image study
+
+study-5k-a: install ## Part A, the headline: none vs all, 5 seeds, fp32 (~75 min on 2 cores)
+	$(REGIME_5K) regularizer=none,all seed=$(SEEDS_A) trainer.precision=fp32 study=cifar10-5k/a-none-vs-all
+	$(REPORT_5K) $(RESULTS)/cifar10-5k/a-none-vs-all
+
+study-5k-a-bf16: install ## Part A's first 3 seeds in bf16, for the bf16-vs-fp32 equivalence test
+	$(REGIME_5K) regularizer=none,all seed=$(SEEDS_A_BF16) trainer.precision=bf16 study=cifar10-5k/a-bf16
+	$(PY) -m ablation.report --equivalence $(RESULTS)/cifar10-5k/a-none-vs-all $(RESULTS)/cifar10-5k/a-bf16
+
+study-5k-b: install ## Part B: the 2^(5-1) half factorial, 2 seeds (~4 h on 2 cores)
+	$(REGIME_5K) +sweep=half_factorial seed=$(SEEDS_B) study=cifar10-5k/b-half-factorial
+	$(REPORT_5K) $(RESULTS)/cifar10-5k/b-half-factorial
+
+study-5k-c: install ## Part C: lr 1e-3..3e-2 x none/all/only_batchnorm/only_dropout x 3 seeds, short runs
+	$(REGIME_5K) +sweep=lr_stability seed=$(SEEDS_C) trainer.epochs=$(C_EPOCHS) study=cifar10-5k/c-lr-stability
+	$(REPORT_5K) $(RESULTS)/cifar10-5k/c-lr-stability
+
+study-5k-d: install ## Part D: dose-response of beta and dropout from none, 2 seeds
+	$(REGIME_5K) +sweep=dose_beta seed=$(SEEDS_D) study=cifar10-5k/d-dose
+	$(REGIME_5K) +sweep=dose_dropout seed=$(SEEDS_D) study=cifar10-5k/d-dose
+	$(REPORT_5K) $(RESULTS)/cifar10-5k/d-dose
+
+study-5k-e: install ## Part E: the seed's width 128, none vs all, 3 seeds (hours on a CPU; a GPU suits it)
+	$(REGIME_5K) regularizer=none,all seed=$(SEEDS_E) budget.width=128 study=cifar10-5k/e-width128
+	$(REPORT_5K) $(RESULTS)/cifar10-5k/e-width128
