@@ -37,6 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from .rundir import State
 from .runio import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,11 @@ def _status(job_return: JobReturn, metrics: dict, untouched: bool) -> str:
     if job_return.status is JobStatus.FAILED:
         return "failed"
     returned = job_return.return_value
-    if isinstance(returned, dict) and returned.get("status") == "not started":
+    if isinstance(returned, dict) and returned.get("status") == "not started":  # refused for the deadline
         return "not started"
     status = metrics.get("status") or "unknown"
-    return f"skipped ({status})" if untouched and status in ("completed", "diverged") else status
+    final = {s.value for s in State if s.final}
+    return f"skipped ({status})" if untouched and status in final else status
 
 
 def summary_table(info: dict, jobs: list[dict]) -> str:

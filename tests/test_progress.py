@@ -20,7 +20,10 @@ import termios
 from pathlib import Path
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
 
+from ablation.progress import sweep_size
 from conftest import ROOT, train
 
 # Cheap end-of-run measures and 8 steps per epoch, so that every epoch has several progress updates.
@@ -162,3 +165,15 @@ def test_joblib_jobs_report_run_k_of_n_and_the_table(sweep, study):
     assert re.search(r"run 2/2: beta_seed0", proc.stdout + proc.stderr)
     rows = table_rows(proc.stdout)
     assert [rows[k][2] for k in ("1", "2")] == ["skipped (completed)", "skipped (completed)"]
+
+
+@pytest.mark.parametrize("overrides,runs", [
+    (("regularizer=none,all", "seed=0,1,2"), 6),
+    (("+sweep=factorial", "seed=0,1"), 64),
+    (("+sweep=dose_beta", "beta.value=1,2"), 2),  # the command line's values replace the sweep file's
+    (("regularizer=glob(*)",), None),  # glob needs the config loader: shown as "?"
+])
+def test_the_run_count_is_the_basic_sweepers(compose_cfg, overrides, runs):
+    """From the config a multirun composes, as the callback gets it."""
+    loader = GlobalHydra.instance().config_loader()
+    assert sweep_size(loader.load_configuration("config", list(overrides), run_mode=RunMode.MULTIRUN)) == runs
