@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import logging
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Callable
 import pytest
 import torch
 
-from ablation.data import CIFAR10_CLASSES, COUNTS_FILE, DataError, load_images
+from ablation.collect import collect_study
+from ablation.data import CIFAR10_CLASSES, COUNTS_FILE, DIGEST_FIELD, DataError, load_images
 from ablation.synthetic import make_imagefolder
 from conftest import train
 
@@ -250,3 +252,50 @@ def test_archive_and_its_folder_share_one_identity(image_folder, tmp_path):
     assert folder == packed and (folder.train_images, folder.test_images, folder.classes) == (256, 128, 4)
     other = make_imagefolder(tmp_path / "other", n_train=256, n_test=128, seed=1)
     assert load_images(other, cache_dir=None).identity.digest != folder.digest
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, image_folder) -> Path:
+    """One real smoke training run on the generated ImageFolder; its run directory."""
+    import os
+    tmp = tmp_path_factory.mktemp("identity")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(ABLATION_DATA=str(image_folder), ABLATION_RESULTS=str(tmp / "results"),
+               ABLATION_CACHE=str(tmp / "cache"), WANDB_MODE="disabled")
+    train("regularizer=none", env=env)
+    return tmp / "results" / "main" / "none_seed0"
+
+
+def test_metrics_json_records_the_data_identity(smoke_run, image_folder):
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    identity = load_images(image_folder, cache_dir=None).identity
+    assert metrics["status"] == "completed"
+    assert {k: metrics[k] for k in identity.fields()} == identity.fields()
+    assert metrics["data_train_images"] == 256 and metrics["data_test_images"] == 128  # the source, not the subset
+
+
+def test_runs_on_different_data_never_pool(smoke_run, tmp_path):
+    """Copies of one real run: same data pools, different data does not, and runs that recorded no
+    identity (made before it was recorded) pool with each other exactly as before."""
+    study = tmp_path / "study"
+
+    def copy(name: str, change: Callable[[dict], None]) -> None:
+        shutil.copytree(smoke_run, study / name)
+        path = study / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        change(metrics)
+        path.write_text(json.dumps(metrics))
+
+    copy("none_seed0", lambda m: None)
+    copy("none_seed1", lambda m: m.update(seed=1))
+    copy("none_seed2", lambda m: m.update(seed=2, **{DIGEST_FIELD: "0" * 64}))
+    copy("none_seed3", lambda m: [m.update(seed=3), m.pop(DIGEST_FIELD)])
+    copy("none_seed4", lambda m: [m.update(seed=4), m.pop(DIGEST_FIELD)])
+    runs, _ = collect_study(study)
+    group = dict(zip(runs["run_name"], runs["settings_hash"]))
+    recorded = json.loads((smoke_run / "metrics.json").read_text())["settings_hash"]
+    assert group["none_seed0"] == group["none_seed1"], "the same data pools"
+    assert group["none_seed2"] != group["none_seed0"], "different data never pools"
+    assert group["none_seed3"] == group["none_seed4"] == recorded, "runs without an identity keep their group"
+    assert len({group["none_seed0"][:8], group["none_seed2"][:8], recorded[:8]}) == 3, "distinct short keys"
+    assert runs["included"].all()
