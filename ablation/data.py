@@ -74,6 +74,7 @@ CIFAR10_PER_CLASS = {"train": 5000, "test": 1000}
 COUNTS_FILE = "counts.json"  # optional, beside train/ and test/: {"train": {class: images}, "test": {...}}
 CHUNK = 1 << 20
 TAR_END = 512  # a tar archive ends with zero blocks of this size
+DIGEST_FIELD = "data_digest"  # the metrics.json field of the data's identity that decides pooling
 
 
 class DataError(ConfigError):
@@ -94,9 +95,6 @@ class DataIdentity:
         """The metrics.json fields; DIGEST_FIELD is the one that decides pooling."""
         return {DIGEST_FIELD: self.digest, "data_train_images": self.train_images,
                 "data_test_images": self.test_images, "data_classes": self.classes}
-
-
-DIGEST_FIELD = "data_digest"
 
 
 @dataclass
@@ -503,11 +501,14 @@ def _load_archive(path: Path) -> tuple[ImageData, str]:
 
 
 def content_digest(data: ImageData) -> str:
-    """sha256 of the decoded images, labels and class names: the same for an archive and its unpacked folder."""
-    h = hashlib.sha256(json.dumps({"classes": list(data.classes), "shapes": [
-        list(t.shape) for t in (data.train_x, data.train_y, data.test_x, data.test_y)]}).encode())
-    for t in (data.train_x, data.train_y, data.test_x, data.test_y):
-        h.update(t.detach().cpu().contiguous().numpy().data)
+    """sha256 of the decoded dataset: each tensor's name, dtype, shape and bytes, then the class names.
+    The same for an archive and its unpacked folder."""
+    h = hashlib.sha256()
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        tensor = getattr(data, name).detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        h.update(tensor.numpy().data)
+    h.update(json.dumps(list(data.classes)).encode())
     return h.hexdigest()
 
 
