@@ -588,14 +588,14 @@ def load_images(root: str | os.PathLike, download: bool = True, cache_dir: str |
     if layout == "cifar10":
         return _identify(_load_cifar_dir(where))
     root = where
-    source = _source_key(root, layout)
-    cache = Path(cache_dir).expanduser() / f"{root.name.split('.')[0]}-{source[:16]}.pt" if cache_dir else None
+    source = _source_key(root, layout) if cache_dir else None
+    cache = Path(cache_dir).expanduser() / f"{root.name.split('.')[0]}-{source[:16]}.pt" if source else None
     if cache is not None and cache.exists() and (data := _read_cache(cache, source)) is not None:
         return data
     log.info("decoding %s (%s) once into uint8 tensors", root, layout)
     if layout == "archive":
         data, read = _load_archive(root)
-        if read != source:
+        if source is not None and read != source:
             raise DataError(f"archive '{root}' changed while it was read (sha256 {source[:16]}... then "
                             f"{read[:16]}...); wait until it is completely written, then rerun.")
     else:
