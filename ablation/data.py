@@ -449,26 +449,30 @@ def _read_archive(path: Path) -> tuple[dict[str, list], dict[str, bytes], bytes 
         f.seek(0)
         raw = _Tap(f, digest=True)
         stream = _Tap(gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw, keep=4 * tarfile.RECORDSIZE)
-        with tarfile.open(fileobj=stream, mode="r|" if gzipped else "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = Path(member.name).parts
-                data = tar.extractfile(member).read()  # tarfile raises ReadError when a member ends early
-                if len(parts) >= 2 and parts[-2] == CIFAR_DIR:
-                    cifar[parts[-1]] = data
-                elif (len(parts) >= 3 and parts[-3] in split_files
-                      and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES):
-                    split_files[parts[-3]].append((parts[-2], parts[-1], data))
-                    folders.add(parts[:-3])
-                elif parts[-1] == COUNTS_FILE:
-                    manifests[parts[:-1]] = data
-            stop = tar.offset  # where tarfile found no further member
+        try:
+            with tarfile.open(fileobj=stream, mode="r|" if gzipped else "r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    parts = Path(member.name).parts
+                    data = tar.extractfile(member).read()  # tarfile raises ReadError when a member ends early
+                    if len(parts) >= 2 and parts[-2] == CIFAR_DIR:
+                        cifar[parts[-1]] = data
+                    elif (len(parts) >= 3 and parts[-3] in split_files
+                          and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES):
+                        split_files[parts[-3]].append((parts[-2], parts[-1], data))
+                        folders.add(parts[:-3])
+                    elif parts[-1] == COUNTS_FILE:
+                        manifests[parts[:-1]] = data
+                stop = tar.offset  # where tarfile found no further member
+        except tarfile.TarError:
+            stream.drain()  # garbled compressed bytes show as tar errors first: gzip names the cause, if it is one
+            raise
         end = stream.since(stop)
+        rest, zero = stream.drain()  # to the end of the gzip stream: its CRC and length are checked there
         if end is None:
             raise DataError(f"archive '{path}': reading stopped at byte {stop:,} of the tar stream, too far back "
                             f"to check what follows. Re-create the archive with tar.")
-        rest, zero = stream.drain()  # to the end of the gzip stream: its CRC and length are checked there
         if end.strip(b"\0") or not zero:
             raise DataError(f"archive '{path}' is corrupt: the tar header at byte {stop:,} of the uncompressed "
                             f"stream is damaged and the {len(end) + rest:,} bytes from there on were not read. "

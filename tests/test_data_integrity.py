@@ -31,11 +31,17 @@ from conftest import train
 N_TRAIN, N_TEST, N_CLASSES = 32, 16, 4
 
 
+def _same_owner_and_time(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    return info
+
+
 def tar_bytes(folder: Path, arcname: str = "fake") -> bytes:
-    """An uncompressed tar of `folder`, as `tar -C parent -cf - arcname` writes it."""
+    """An uncompressed tar of `folder`, as `tar -C parent -cf - arcname` writes it; the same bytes on every
+    run (no file times or owners), so each corruption hits the same place."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        tar.add(folder, arcname=arcname)
+        tar.add(folder, arcname=arcname, filter=_same_owner_and_time)
     return buf.getvalue()
 
 
