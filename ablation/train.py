@@ -114,7 +114,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     flags = R.flags(cfg)
     run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,
                "settings_hash": C.settings_hash(cfg), "budget": budget, "device": str(runtime.device),
-               "threads": runtime.threads, "precision": runtime.precision,
+               "threads": runtime.threads, "precision": runtime.precision, **data.identity.fields(),
                **{f"reg_{k}": v for k, v in flags.items()}})
     wall_start = time.perf_counter()
     # The resolved config with the regularizers' effective values, plus their switches as top-level
