@@ -22,9 +22,8 @@ from typing import Callable
 import pytest
 import torch
 
-from ablation.classifier import dataset_digest
 from ablation.collect import collect_study
-from ablation.data import CIFAR10_CLASSES, COUNTS_FILE, DIGEST_FIELD, DataError, load_images
+from ablation.data import CIFAR10_CLASSES, COUNTS_FILE, DIGEST_FIELD, DataError, content_digest, load_images
 from ablation.synthetic import make_imagefolder
 from conftest import train
 
@@ -259,7 +258,7 @@ def test_archive_and_its_folder_share_one_identity(image_folder, tmp_path):
     assert folder == packed and (folder.train_images, folder.test_images, folder.classes) == (256, 128, 4)
     other = make_imagefolder(tmp_path / "other", n_train=256, n_test=128, seed=1)
     assert load_images(other, cache_dir=None).identity.digest != folder.digest
-    assert folder.digest == dataset_digest(load_images(image_folder, cache_dir=None)), "one digest of a dataset"
+    assert folder.digest == content_digest(load_images(image_folder, cache_dir=None)), "one digest of a dataset"
 
 
 @pytest.fixture(scope="module")
