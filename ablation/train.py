@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as C
 from . import regularizers as R
 from . import wandb_logger
-from .data import DataError, load_images, subset
+from .data import DIGEST_FIELD, DataError, load_images, subset
 from .rundir import RunDir, RunLockedError, State
 from .runio import atomic_torch_save, atomic_write_text, device_slot
 from .runtime import Runtime, activate, prepare
@@ -110,6 +110,11 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     if cfg.eval.inception_weights is not None:  # a bad path fails now, not after training
         check_inception_weights(cfg.eval.inception_weights)
     data = _load_data(cfg, runtime.device)  # before any run file is written
+    started_on = (run.metrics() or {}).get(DIGEST_FIELD) if resume else None
+    if started_on and data.identity is not None and started_on != data.identity.digest:
+        raise DataError(f"{run.path} started training on data {started_on[:12]}, but data.root '{cfg.data.root}' "
+                        f"now holds data {data.identity.digest[:12]}; point data.root back at the data it started on, "
+                        f"or pass overwrite=true to train it again from the start")
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
     run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,

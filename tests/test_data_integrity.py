@@ -13,8 +13,13 @@ import gzip
 import io
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +30,7 @@ import torch
 from ablation.collect import collect_study
 from ablation.data import CIFAR10_CLASSES, COUNTS_FILE, DIGEST_FIELD, DataError, content_digest, load_images
 from ablation.synthetic import make_imagefolder
-from conftest import train
+from conftest import ROOT, train
 
 N_TRAIN, N_TEST, N_CLASSES = 32, 16, 4
 
@@ -306,3 +311,29 @@ def test_runs_on_different_data_never_pool(smoke_run, tmp_path):
     assert group["none_seed3"] == group["none_seed4"] == recorded, "runs without an identity keep their group"
     assert len({group["none_seed0"][:8], group["none_seed2"][:8], recorded[:8]}) == 3, "distinct short keys"
     assert runs["included"].all()
+
+
+def test_resuming_on_changed_data_is_refused(env, tmp_path):
+    """A run interrupted after its first checkpoint is not resumed on other data at the same data.root: one
+    line names both digests and the fix, exit 2, and the run stays resumable on its own data."""
+    root = make_imagefolder(tmp_path / "swapped", n_train=256, n_test=128, seed=0)
+    env = env | {"ABLATION_DATA": str(root)}
+    run_dir = Path(env["ABLATION_RESULTS"]) / "swap" / "none_seed0"
+    args = [sys.executable, "-m", "ablation.train", "budget=smoke", "logger=none", "study=swap", "trainer.threads=1",
+            "trainer.epochs=4", "data.train_size=512", "model.width=16", "trainer.checkpoint_every_s=0"]
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    started_on = json.loads((run_dir / "metrics.json").read_text())[DIGEST_FIELD]
+    shutil.rmtree(root)
+    make_imagefolder(root, n_train=256, n_test=128, seed=1)
+    refused = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if "started training on data" in line]
+    assert len(errors) == 1 and started_on[:12] in errors[0] and "overwrite=true" in errors[0], refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (run_dir / "checkpoint.pt").exists(), "the run stays resumable on its own data"
