@@ -4,8 +4,8 @@
 
 `collect(device)` is what ablation/train.py records under "provenance" in metrics.json and in the
 W&B config (docs/outputs.md). It never enters config_hash or settings_hash: the same config on
-another machine or commit is the same run. It reads package metadata and /proc, and runs git three
-times; it imports nothing of the project and does no torch work beyond naming the GPU.
+another machine or commit is the same run. It reads package metadata and /proc, and runs git up to
+three times; it imports nothing of the project and does no torch work beyond naming the GPU.
 """
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def versions() -> dict:
 
 
 def _git(*args: str) -> str | None:
-    """git's stdout in the checkout, or None when git is missing or fails."""
+    """git's stdout in the checkout, or None when git is missing or fails. GIT_OPTIONAL_LOCKS=0: `git status`
+    leaves the index alone, so it never holds index.lock while the user runs git in the checkout."""
     try:
-        proc = subprocess.run(["git", "-C", str(_CHECKOUT), *args], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["git", "-C", str(_CHECKOUT), *args], capture_output=True, text=True, timeout=30,
+                              env=os.environ | {"GIT_OPTIONAL_LOCKS": "0"})
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
