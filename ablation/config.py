@@ -22,7 +22,9 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from . import regularizers as R
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# conf/ sits beside the package in a checkout; an installed wheel holds it inside (pyproject.toml).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE_DIR / "conf" if (_PACKAGE_DIR / "conf").is_dir() else _PACKAGE_DIR.parent / "conf"
 
 
 class ConfigError(ValueError):

@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
+from . import provenance
 from . import regularizers as R
 from . import wandb_logger
 from .data import DIGEST_FIELD, DataError, load_images, subset
@@ -117,15 +118,16 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
                         f"or pass overwrite=true to train it again from the start")
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
+    origin = provenance.collect(runtime.device)
     run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,
                "settings_hash": C.settings_hash(cfg), "budget": budget, "device": str(runtime.device),
                "threads": runtime.threads, "precision": runtime.precision, **data.identity.fields(),
-               **{f"reg_{k}": v for k, v in flags.items()}})
+               **{f"reg_{k}": v for k, v in flags.items()}, "provenance": origin})
     wall_start = time.perf_counter()
     # The resolved config with the regularizers' effective values, plus their switches as top-level
     # booleans to group and filter by in W&B.
     wb_config = (OmegaConf.to_container(cfg, resolve=True) | R.effective_dict(cfg)
-                 | {f"reg_{k}": v for k, v in flags.items()})
+                 | {f"reg_{k}": v for k, v in flags.items()} | {"provenance": origin})
     exit_code, trainer = 1, None
     logger = wandb_logger.NullLogger()  # until W&B has started: a failure to start it fails the run
     try:
