@@ -7,23 +7,33 @@ against the values the run itself wrote locally (metrics.json, history.csv).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import wandb
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from ablation import wandb_logger
-from ablation.regularizers import names
+from ablation import report, wandb_logger
+from ablation.regularizers import effective_dict, names
 from ablation.synthetic import make_imagefolder
-from wandb_records import offline_run_dirs, read_run, records
+from wandb_records import offline_run_dirs, read_run, read_table, records
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = "main"
+# The study's W&B settings: not the defaults, so that the report run can be seen to take them over.
+PROJECT, ENTITY = "vae-ablation-test", "test-team"
 RUNS = {"none": "none_seed0", "all": "wd-do-bn-beta-aug_seed0"}
 # budget=smoke: 2 epochs of train_size 256 in batches of 128 -> 2 optimizer steps an epoch.
 EPOCHS, STEPS_PER_EPOCH = 2, 256 // 128
@@ -118,9 +128,11 @@ def assert_summary_matches(summary: dict, metrics: dict) -> None:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, wb_env) -> dict:
-    """The 2-run study `-m regularizer=none,all` with WANDB_MODE=offline; {"none"|"all": (run dir, records)}."""
+    """The 2-run study `-m regularizer=none,all` with WANDB_MODE=offline, its models logged as artifacts;
+    {"none"|"all": (run dir, records)}."""
     results = tmp_path_factory.mktemp("study") / "results"
-    train(results, "regularizer=none,all", env=wb_env, multirun=True, WANDB_MODE="offline")
+    train(results, "regularizer=none,all", f"logger.project={PROJECT}", f"logger.entity={ENTITY}",
+          "logger.log_model=true", env=wb_env, multirun=True, WANDB_MODE="offline")
     return {k: (results / STUDY / name, one_offline_run(results / STUDY / name)) for k, name in RUNS.items()}
 
 
@@ -141,8 +153,9 @@ def test_run_identity_and_config(study, key):
     assert rec.name == run_dir.name == RUNS[key]
     assert rec.group == STUDY
     assert rec.job_type == "train"
-    assert rec.project == "vae-ablation"
+    assert (rec.project, rec.entity) == (PROJECT, ENTITY)
     assert rec.run_id == f"{STUDY}-{run_dir.name}-{metrics['config_hash'][:8]}"
+    assert rec.artifacts == [(f"model-{STUDY}-{run_dir.name}", "model")]
     on = key == "all"
     assert rec.tags == (list(names()) if on else ["none"])
     for reg in names():  # the five flags as top-level booleans, beside the groups' own settings
@@ -174,11 +187,15 @@ def test_history_rows_and_values(study, key):
             expected |= FINAL_IMAGES
         assert set(row) == expected, f"step {step}: {sorted(set(row) ^ expected)}"
         assert row["epoch"] == (step - 1) // STEPS_PER_EPOCH + 1
-    # the values are the ones in the run's own history.csv
+    assert_history_equals_csv(rec, run_dir, STEPS, EPOCHS)
+
+
+def assert_history_equals_csv(rec, run_dir: Path, steps: int, epochs: int) -> None:
+    """The W&B history's values are the ones in the run's own history.csv, row for row."""
     local = pd.read_csv(run_dir / "history.csv")
     by_step = {row["_step"]: row for row in rec.history}
     step_rows, epoch_rows = local[local.kind == "step"], local[local.kind == "epoch"]
-    assert len(step_rows) == STEPS and len(epoch_rows) == EPOCHS
+    assert len(step_rows) == steps and len(epoch_rows) == epochs
     for r in step_rows.itertuples():
         wb = by_step[r.step]
         assert (wb["train/loss"], wb["train/recon"], wb["train/kl"], wb["train/grad_norm"]) == pytest.approx(
@@ -197,6 +214,41 @@ def test_summary_equals_metrics_json(study, key):
     assert metrics["status"] == rec.summary["status"] == "completed"
     assert_summary_matches(rec.summary, metrics)
     assert_summary_written_last(rec)
+
+
+def test_report_run_takes_the_study_project_a_stable_id_and_numeric_tables(study, wb_env):
+    """`make report` twice: one W&B run id (each report resumes it), in the training runs' project and
+    entity, whose tables hold numbers (NaN as null), equal to runs.csv's."""
+    study_dir = study["none"][0].parent
+    for _ in range(2):
+        subprocess.run([sys.executable, "-m", "ablation.report", str(study_dir)], cwd=ROOT, check=True, timeout=300,
+                       env=wb_env | {"WANDB_MODE": "offline", "MPLBACKEND": "Agg"}, capture_output=True)
+    first, second = (read_run(d) for d in offline_run_dirs(study_dir / "wandb"))
+    assert first.run_id == second.run_id == report.report_run_id(study_dir, STUDY)
+    assert first.run_id.startswith(f"report-{STUDY}-") and first.run_id != report.report_run_id(study_dir, "other")
+    for rec in (first, second):
+        assert (rec.project, rec.entity, rec.job_type, rec.group) == (PROJECT, ENTITY, "report", STUDY)
+        assert rec.exit_code == 0
+    logged = {k: read_table(second, v) for row in second.history for k, v in row.items()
+              if isinstance(v, dict) and v.get("_type") == "table-file"}
+    claims = next(t for k, t in logged.items() if k.startswith("claims/"))
+    rows = [dict(zip(claims["columns"], row)) for row in claims["data"]]
+    runs = pd.read_csv(study_dir / "runs.csv").set_index("run_name")
+    for row in rows:  # one run a side: each mean is that run's value, its CI undefined (null)
+        for side, run_name in (("none", RUNS["none"]), ("all", RUNS["all"])):
+            value = runs.loc[run_name, row["primary"]]
+            assert row[f"{side}_ci"] is None, row
+            if math.isnan(value):  # a metric these 2-epoch runs do not measure
+                assert row[f"{side}_mean"] is None and row[f"{side}_n"] == 0, row
+            else:
+                assert isinstance(row[f"{side}_mean"], float) and row[f"{side}_n"] == 1, row
+                assert row[f"{side}_mean"] == pytest.approx(value, rel=1e-9)
+    for key, table in logged.items():  # no number anywhere is a string
+        for row in table["data"]:
+            for cell in row:
+                if isinstance(cell, str):
+                    with pytest.raises(ValueError):
+                        float(cell)
 
 
 @pytest.mark.parametrize("key", sorted(RUNS))
