@@ -86,15 +86,15 @@ def safe_name(*parts: str) -> str:
 
 def study_logger_config(study_dir: Path):
     """The W&B settings (`logger.*`) the study's training runs used, read from their config.yaml; the
-    most common one when they differ, with a warning; conf/logger/wandb.yaml's schema defaults without any."""
+    most common one when they differ, with a warning; the schema's defaults (LoggerConfig) without any."""
     found = []
     for path in sorted(Path(study_dir).glob("*/config.yaml")):
         cfg = OmegaConf.load(path).get("logger")
         if cfg is not None and cfg.get("backend") == "wandb":
             found.append((cfg.get("project"), cfg.get("entity"), cfg.get("mode"), cfg.get("init_timeout")))
-    defaults = LoggerConfig()
     if not found:
-        project, entity, mode, timeout = defaults.project, defaults.entity, "auto", defaults.init_timeout
+        defaults = LoggerConfig()
+        project, entity, mode, timeout = defaults.project, defaults.entity, defaults.mode, defaults.init_timeout
     else:
         counts = Counter(found)
         (project, entity, mode, timeout), _ = counts.most_common(1)[0]
