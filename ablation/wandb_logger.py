@@ -28,6 +28,8 @@ from .config import LoggerConfig
 
 try:
     import wandb
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
 except ImportError:  # e.g. a GPU machine whose image lacks it: the local files are the record
     wandb = None
 
@@ -49,14 +51,18 @@ HISTORY_KEYS = {
 def has_credentials() -> bool:
     """True when wandb finds an API key for the host it would use, where it would look: WANDB_API_KEY,
     the netrc entry (NETRC or ~/.netrc) for WANDB_BASE_URL, the settings file's base_url or wandb's
-    default host, or the settings file's api_key. Reads only local files: no prompt, no network."""
+    default host, or the settings file's api_key. This is wandb's own lookup (the one `wandb.login` and
+    `wandb.init` run) without storing, printing or verifying what it finds: no prompt, no network."""
     if wandb is None:
         return False
+    settings = wandb_setup.singleton().settings
+    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
     try:
-        return bool(wandb.login(verify=False, prompt=False))
-    except (wandb.errors.AuthenticationError, wandb.errors.UsageError) as exc:  # a malformed key
+        auth = wbauth.authenticate_session(host=host, source="ablation", prompt=False, update_session=False)
+    except wandb.errors.AuthenticationError as exc:  # e.g. a malformed key
         log.warning("W&B credentials found but unusable (%s)", exc)
         return False
+    return auth is not None and auth.host.is_same_url(host)
 
 
 def resolve_mode(requested: str) -> tuple[str, str]:
