@@ -140,6 +140,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
             trainer.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
             log.info("%s: resumed from checkpoint after epoch %d", cfg.run_name, trainer.epoch)
+            logger.resend_history(trainer.epoch_rows + trainer.step_rows)
         trainer.fit()
         metrics = _finish(cfg, run, trainer, logger, wall_start)
         exit_code = 0
@@ -186,7 +187,8 @@ def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) ->
     logger.log_images({"recon_final": run / "recon_final.png", "samples": run / "samples.png"}, step=trainer.step)
     logger.summary(metrics)
     if cfg.logger.get("log_model"):
-        logger.log_artifact(run / "model.pt", name=f"model-{cfg.run_name}", kind="model")
+        logger.log_artifact(run / "model.pt", name=wandb_logger.safe_name("model", cfg.study, cfg.run_name),
+                            kind="model")
     log.info("%s: completed  test recon %.2f  kl %.2f  psnr %.2f dB  (%.0f s)", cfg.run_name,
              metrics["test_recon"], metrics["test_kl"], metrics["psnr"], metrics["wall_time_s"])
     return metrics
