@@ -30,6 +30,7 @@ from .progress import EpochProgress
 from .regularizers import effective
 from .runio import atomic_torch_save, atomic_write
 from .runtime import Runtime, place_model
+from .wandb_logger import history_values
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,7 @@ class Trainer:
         row = {"kind": "step", "epoch": epoch, "step": self.step, "train_loss": loss, "train_recon": recon,
                "train_kl": kl, "grad_norm": gn, "window_steps": self.window_steps}
         self.step_rows.append(row)
-        self.logger.log({"train/loss": loss, "train/recon": recon, "train/kl": kl, "train/grad_norm": gn,
-                         "epoch": epoch}, step=self.step)
+        self.logger.log(history_values(row), step=self.step)
         self._check_finite(epoch, bad_step, gn)
 
     def fit(self) -> None:
@@ -286,12 +286,7 @@ class Trainer:
                      "%.0f img/s%s", self.epoch, s.epochs, row["train_loss"], row["train_recon"], row["train_kl"],
                      row["test_recon"], row["test_kl"], row["gen_gap"], row["images_per_s"],
                      f"  val recon {val['recon']:.2f}" if val is not None else "")
-            evaluated = (("test", test), ("trainsub", train), ("val", val))
-            self.logger.log({f"{split}/{k}": v for split, d in evaluated if d is not None
-                             for k, v in d.items() if k != "mu"} | {"epoch": self.epoch, "gen_gap": row["gen_gap"],
-                                                        "train/epoch_loss": row["train_loss"],
-                                                        "train/images_per_s": row["images_per_s"]},
-                            step=self.step)
+            self.logger.log(history_values(row), step=self.step)
             grid_due = self.epoch % s.image_interval == 0 or last
             wandb_due = bool(s.wandb_image_interval) and (self.epoch % s.wandb_image_interval == 0 or last)
             if grid_due or wandb_due:  # W&B logs the grid file, so it is written whenever either is due

@@ -122,14 +122,18 @@ def _table_value(value):
     return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
+def history_values(row: dict) -> dict:
+    """One history.csv row (a trainer step or epoch row) as the W&B values it is logged as (HISTORY_KEYS)."""
+    keys = HISTORY_KEYS.get(row.get("kind"), {})
+    return {wb: row[col] for col, wb in keys.items() if row.get(col) is not None}
+
+
 def history_rows(rows: list[dict]) -> dict[int, dict]:
-    """history.csv's rows (the trainer's step and epoch rows) as the W&B history they were logged as:
-    {step: {W&B key: value}}, the rows of one step merged, as W&B merges the log calls of one step."""
+    """history.csv's rows as the W&B history they were logged as: {step: {W&B key: value}}, the rows of one
+    step merged, as W&B merges the log calls of one step."""
     out: dict[int, dict] = {}
     for row in rows:
-        keys = HISTORY_KEYS.get(row.get("kind"), {})
-        values = {wb: row[col] for col, wb in keys.items() if col in row and not pd.isna(row[col])}
-        out.setdefault(int(row["step"]), {}).update(values)
+        out.setdefault(int(row["step"]), {}).update(history_values(row))
     return dict(sorted(out.items()))
 
 
