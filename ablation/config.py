@@ -10,6 +10,7 @@ defaults. Ranges that a type cannot express are checked by `validate`.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import warnings
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
@@ -139,6 +141,12 @@ def half_fraction(*switches) -> bool:
     return sum(not R.as_bool(s) for s in switches) % 2 == 0
 
 
+def auto_budget() -> str:
+    """The preset that budget=auto composes on this machine (conf/budget/auto.yaml): paper with CUDA,
+    cpu without."""
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
 def register() -> None:
     """Register the schema (with the regularizers registered so far) and the resolvers; call again
     after registering another regularizer."""
@@ -147,28 +155,84 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_name", R.run_name_resolver)
     if not OmegaConf.has_resolver("half_fraction"):
         OmegaConf.register_new_resolver("half_fraction", half_fraction)
+    if not OmegaConf.has_resolver("auto_budget"):
+        OmegaConf.register_new_resolver("auto_budget", auto_budget)
 
 
 register()
 
 
 def resolve_budget(cfg: DictConfig, cuda: bool) -> str:
-    """Fill an `auto` budget from `paper` (CUDA) or `cpu`; explicitly set fields are kept.
+    """Name an `auto` budget after the preset for the run's device: `paper` (CUDA) or `cpu`.
 
+    Composition filled it from `auto_budget()`, i.e. from whether this machine has CUDA. When the
+    run's device says otherwise (trainer.device=cpu on a GPU machine), the fields still at that
+    preset's values are refilled from the other one; fields set to other values are kept.
     Returns the name of the preset chosen (the budget's own name when not auto).
     """
     if cfg.budget.name != "auto":
         return cfg.budget.name
-    chosen = "paper" if cuda else "cpu"
-    preset = OmegaConf.load(CONF_DIR / "budget" / f"{chosen}.yaml")
-    for key, value in preset.items():
-        if key == "name" or OmegaConf.is_missing(cfg.budget, key):
-            cfg.budget[key] = value
+    chosen, composed = ("paper" if cuda else "cpu"), auto_budget()
+    if chosen != composed:
+        old, new = (OmegaConf.load(CONF_DIR / "budget" / f"{name}.yaml") for name in (composed, chosen))
+        for key, value in new.items():
+            if key != "name" and cfg.budget[key] == old[key]:
+                cfg.budget[key] = value
+    cfg.budget.name = chosen
     return chosen
 
 
+def schema_keys() -> list[str]:
+    """Every key of the schema as a dotted path, sections included (`trainer`, `trainer.epochs`)."""
+    keys = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            keys.append(prefix + key)
+            if isinstance(node._get_node(key), DictConfig):
+                walk(node[key], f"{prefix}{key}.")
+
+    walk(OmegaConf.structured(schema()), "")
+    return keys
+
+
+def unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    """The one-line error for a key outside the schema, naming the closest valid one: a key with the same
+    last part (trainer.lr -> optim.lr), else the most similar (difflib)."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not close:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+    hint = f"did you mean {close[0]}?" if close else "no key is close to it"
+    return ConfigError(f"unknown key {key!r} ({hint}); `--cfg job` lists every key")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a key that the schema lacks: `+dropuot=on` adds one to the composed config, and so would a
+    YAML file of a group; raise ConfigError for the first, naming the closest valid key."""
+    valid = set(schema_keys())
+    for key in _keys(cfg, ""):
+        if key not in valid:
+            raise unknown_key_error(key, sorted(valid))
+
+
+def _keys(node: DictConfig, prefix: str) -> list[str]:
+    keys = []
+    for key in node:
+        if prefix == "" and key == "hydra":
+            continue
+        keys.append(prefix + str(key))
+        if isinstance(node._get_node(key), DictConfig):
+            keys += _keys(node[key], f"{prefix}{key}.")
+    return keys
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check the ranges a type cannot express; raise ConfigError naming the field and the fix."""
+    """Check the keys against the schema and the ranges a type cannot express; raise ConfigError naming
+    the field and the fix."""
+    check_known_keys(cfg)
     checks = [
         (0.0 <= cfg.dropout.p < 1.0, f"dropout.p={cfg.dropout.p} is outside [0, 1); use e.g. dropout.p=0.3"),
         (cfg.beta.value >= 0, f"beta.value={cfg.beta.value} is negative; the KL weight must be >= 0 (e.g. beta.value=4)"),
