@@ -132,7 +132,7 @@ def schema() -> type:
 
 # conf/hydra/launcher/*.yaml share their names with the launcher plugins' schemas, so Hydra
 # validates our presets against those schemas (which we want) and warns that it does so.
-warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name")
+warnings.filterwarnings("ignore", message=r"\s*\S+ is validated against ConfigStore schema with the same name")
 
 
 def half_fraction(*switches) -> bool:

@@ -228,6 +228,8 @@ def check_overrides(args: list[str]) -> None:
     ConfigError naming the key and the closest valid one. Config groups (`+sweep=factorial`,
     `dropout=on`) and hydra's own keys pass; Hydra reports what it cannot parse."""
     parsed_args = get_args_parser().parse_known_args(args)[0]
+    if parsed_args.shell_completion:  # its "overrides" are the completion's command (install=bash)
+        return
     try:
         parsed = OverridesParser.create().parse_overrides(parsed_args.overrides)
     except Exception:  # Hydra's own message follows at composition
