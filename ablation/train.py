@@ -62,6 +62,11 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process ended by it: 130 (SIGINT), 143 (SIGTERM)."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
 def train(cfg: DictConfig) -> dict:
     """Train the run a composed config describes, unless it is already done; return its metrics.json."""
     job = HydraConfig.get() if HydraConfig.initialized() else None
@@ -183,7 +188,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         metrics = run.record("interrupted", epochs_completed=epoch, error=message,
                              wall_time_s=time.perf_counter() - wall_start)
         logger.summary(metrics)
-        raise Interrupted(message, 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)) from None
+        raise Interrupted(message, _exit_code(exc)) from None
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         run.record("failed", error=error, traceback=traceback.format_exc(limit=5),
@@ -245,7 +250,7 @@ def check_overrides(args: list[str]) -> None:
 
 
 @hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")
-def _main(cfg: DictConfig) -> dict:
+def _hydra_main(cfg: DictConfig) -> dict:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return train(cfg)
@@ -257,7 +262,7 @@ def _main(cfg: DictConfig) -> dict:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
         print("interrupted before training started; rerun the same command", file=sys.stderr)
-        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+        sys.exit(_exit_code(exc))
 
 
 def main() -> None:
@@ -267,7 +272,7 @@ def main() -> None:
     except C.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    _main()
+    _hydra_main()
 
 
 if __name__ == "__main__":
