@@ -182,29 +182,33 @@ def resolve_budget(cfg: DictConfig, cuda: bool) -> str:
     return chosen
 
 
-def schema_keys() -> list[str]:
-    """Every key of the schema as a dotted path, sections included (`trainer`, `trainer.epochs`)."""
+def _keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """The keys of a config as dotted paths, sections included (`trainer`, `trainer.epochs`), Hydra's own
+    node left out."""
     keys = []
-
-    def walk(node: DictConfig, prefix: str) -> None:
-        for key in node:
-            keys.append(prefix + key)
-            if isinstance(node._get_node(key), DictConfig):
-                walk(node[key], f"{prefix}{key}.")
-
-    walk(OmegaConf.structured(schema()), "")
+    for key in node:
+        if prefix or key != "hydra":
+            keys.append(f"{prefix}{key}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                keys += _keys(child, f"{prefix}{key}.")
     return keys
 
 
+def schema_keys() -> list[str]:
+    """Every key of the schema as a dotted path, sections included."""
+    return _keys(OmegaConf.structured(schema()))
+
+
 def unknown_key_error(key: str, valid: list[str]) -> ConfigError:
-    """The one-line error for a key outside the schema, naming the closest valid one: a key with the same
-    last part (trainer.lr -> optim.lr), else the most similar (difflib)."""
+    """The one-line error for a key outside the schema, naming the closest valid one (difflib): among the
+    keys with the same last part if there are any (trainer.lr -> optim.lr), else among all of them."""
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
-    close = same_leaf or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0) or difflib.get_close_matches(key, valid, n=1)
     if not close:
         leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
-        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
     hint = f"did you mean {close[0]}?" if close else "no key is close to it"
     return ConfigError(f"unknown key {key!r} ({hint}); `--cfg job` lists every key")
 
@@ -212,21 +216,11 @@ def unknown_key_error(key: str, valid: list[str]) -> ConfigError:
 def check_known_keys(cfg: DictConfig) -> None:
     """Refuse a key that the schema lacks: `+dropuot=on` adds one to the composed config, and so would a
     YAML file of a group; raise ConfigError for the first, naming the closest valid key."""
-    valid = set(schema_keys())
-    for key in _keys(cfg, ""):
-        if key not in valid:
-            raise unknown_key_error(key, sorted(valid))
-
-
-def _keys(node: DictConfig, prefix: str) -> list[str]:
-    keys = []
-    for key in node:
-        if prefix == "" and key == "hydra":
-            continue
-        keys.append(prefix + str(key))
-        if isinstance(node._get_node(key), DictConfig):
-            keys += _keys(node[key], f"{prefix}{key}.")
-    return keys
+    valid = schema_keys()
+    known = set(valid)
+    for key in _keys(cfg):
+        if key not in known:
+            raise unknown_key_error(key, valid)
 
 
 def validate(cfg: DictConfig) -> None:
