@@ -3,7 +3,9 @@
 The primary config (conf/config.yaml) starts its defaults list with `base_config`,
 the `Config` dataclass below, so every field has a type and the config is in struct
 mode: a wrong type (`trainer.epochs=abc`) or an unknown key (`trainer.epoch=3`) fails
-at composition with Hydra's own message, before any data is loaded.
+at composition with Hydra's own message, before any data is loaded. A key that `+` adds
+(`+dropuot=on`) is refused by `validate`, and the command line refuses both kinds first
+with one line naming the closest valid key (`unknown_key_error`).
 
 The YAML files hold the values; these classes hold the types and the documented
 defaults. Ranges that a type cannot express are checked by `validate`.
