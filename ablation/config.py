@@ -3,13 +3,16 @@
 The primary config (conf/config.yaml) starts its defaults list with `base_config`,
 the `Config` dataclass below, so every field has a type and the config is in struct
 mode: a wrong type (`trainer.epochs=abc`) or an unknown key (`trainer.epoch=3`) fails
-at composition with Hydra's own message, before any data is loaded.
+at composition with Hydra's own message, before any data is loaded. A key that `+` adds
+(`+dropuot=on`) is refused by `validate`, and the command line refuses both kinds first
+with one line naming the closest valid key (`unknown_key_error`).
 
 The YAML files hold the values; these classes hold the types and the documented
 defaults. Ranges that a type cannot express are checked by `validate`.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import warnings
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
@@ -133,13 +137,19 @@ def schema() -> type:
 
 # conf/hydra/launcher/*.yaml share their names with the launcher plugins' schemas, so Hydra
 # validates our presets against those schemas (which we want) and warns that it does so.
-warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name")
+warnings.filterwarnings("ignore", message=r"\s*\S+ is validated against ConfigStore schema with the same name")
 
 
 def half_fraction(*switches) -> bool:
     """The generator of a 2^(k-1) resolution-(k) half fraction: on exactly when the product of the other
     factors in -1/+1 coding is +1, i.e. when an even number of them is off (conf/sweep/half_factorial.yaml)."""
     return sum(not R.as_bool(s) for s in switches) % 2 == 0
+
+
+def auto_budget() -> str:
+    """The preset that budget=auto composes on this machine (conf/budget/auto.yaml): paper with CUDA,
+    cpu without."""
+    return "paper" if torch.cuda.is_available() else "cpu"
 
 
 def register() -> None:
@@ -150,28 +160,78 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_name", R.run_name_resolver)
     if not OmegaConf.has_resolver("half_fraction"):
         OmegaConf.register_new_resolver("half_fraction", half_fraction)
+    if not OmegaConf.has_resolver("auto_budget"):
+        OmegaConf.register_new_resolver("auto_budget", auto_budget)
 
 
 register()
 
 
 def resolve_budget(cfg: DictConfig, cuda: bool) -> str:
-    """Fill an `auto` budget from `paper` (CUDA) or `cpu`; explicitly set fields are kept.
+    """Name an `auto` budget after the preset for the run's device: `paper` (CUDA) or `cpu`.
 
+    Composition filled it from `auto_budget()`, i.e. from whether this machine has CUDA. When the
+    run's device says otherwise (trainer.device=cpu on a GPU machine), the fields still at that
+    preset's values are refilled from the other one; fields set to other values are kept.
     Returns the name of the preset chosen (the budget's own name when not auto).
     """
     if cfg.budget.name != "auto":
         return cfg.budget.name
-    chosen = "paper" if cuda else "cpu"
-    preset = OmegaConf.load(CONF_DIR / "budget" / f"{chosen}.yaml")
-    for key, value in preset.items():
-        if key == "name" or OmegaConf.is_missing(cfg.budget, key):
-            cfg.budget[key] = value
+    chosen, composed = ("paper" if cuda else "cpu"), auto_budget()
+    if chosen != composed:
+        old, new = (OmegaConf.load(CONF_DIR / "budget" / f"{name}.yaml") for name in (composed, chosen))
+        for key, value in new.items():
+            if key != "name" and cfg.budget[key] == old[key]:
+                cfg.budget[key] = value
+    cfg.budget.name = chosen
     return chosen
 
 
+def _keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """The keys of a config as dotted paths, sections included (`trainer`, `trainer.epochs`), Hydra's own
+    node left out."""
+    keys = []
+    for key in node:
+        if prefix or key != "hydra":
+            keys.append(f"{prefix}{key}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                keys += _keys(child, f"{prefix}{key}.")
+    return keys
+
+
+def schema_keys() -> list[str]:
+    """Every key of the schema as a dotted path, sections included."""
+    return _keys(OmegaConf.structured(schema()))
+
+
+def unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    """The one-line error for a key outside the schema, naming the closest valid one (difflib): among the
+    keys with the same last part if there are any (trainer.lr -> optim.lr), else among all of them."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+    close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0) or difflib.get_close_matches(key, valid, n=1)
+    if not close:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1)]
+    hint = f"did you mean {close[0]}?" if close else "no key is close to it"
+    return ConfigError(f"unknown key {key!r} ({hint}); `--cfg job` lists every key")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse a key that the schema lacks: `+dropuot=on` adds one to the composed config, and so would a
+    YAML file of a group; raise ConfigError for the first, naming the closest valid key."""
+    valid = schema_keys()
+    known = set(valid)
+    for key in _keys(cfg):
+        if key not in known:
+            raise unknown_key_error(key, valid)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check the ranges a type cannot express; raise ConfigError naming the field and the fix."""
+    """Check the keys against the schema and the ranges a type cannot express; raise ConfigError naming
+    the field and the fix."""
+    check_known_keys(cfg)
     checks = [
         (0.0 <= cfg.dropout.p < 1.0, f"dropout.p={cfg.dropout.p} is outside [0, 1); use e.g. dropout.p=0.3"),
         (cfg.beta.value >= 0, f"beta.value={cfg.beta.value} is negative; the KL weight must be >= 0 (e.g. beta.value=4)"),

@@ -1,8 +1,8 @@
 """Where and how a run computes: device, precision, autocast and CPU threads, resolved once per run.
 
-`prepare(cfg, job_num, launcher)` reads trainer.device, trainer.precision and trainer.threads and
-the launcher's parallelism, refuses what this machine cannot do with one `ConfigError`, and
-returns a `Runtime` that the trainer, the run record and the benchmark all read.
+`prepare(cfg, job_num, launcher)` reads trainer.device, trainer.precision and trainer.threads,
+OMP_NUM_THREADS and the launcher's parallelism, refuses what this machine cannot do with one
+`ConfigError`, and returns a `Runtime` that the trainer, the run record and the benchmark all read.
 """
 from __future__ import annotations
 
@@ -61,9 +61,17 @@ def choose_device(requested: str, job_num: int) -> torch.device:
 
 
 def choose_threads(requested: int, launcher: DictConfig | None) -> int:
-    """trainer.threads, or cores / parallel jobs: a joblib sweep of n jobs gives each cores // n."""
+    """trainer.threads, else OMP_NUM_THREADS when set, else cores / parallel jobs: a joblib sweep of
+    n jobs gives each cores // n."""
     if requested:
         return requested
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        first = omp.split(",", 1)[0]  # OpenMP also takes a list, one count per nesting level
+        if not first.isdigit() or int(first) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={omp!r} is not a number of threads; set it to e.g. 1, "
+                              f"or unset it (or set trainer.threads)")
+        return int(first)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if launcher is not None:
         if launcher.get("cpus_per_task"):

@@ -7,15 +7,19 @@
     python -m ablation.train dropout=on beta=on budget=smoke   # any single combination
     python -m ablation.train -m regularizer=none,all hydra/launcher=joblib hydra.launcher.n_jobs=2
     python -m ablation.train --cfg job regularizer=all         # print the composed config
+    python -m ablation.train --help                            # commands, groups and the config
 
 Each run writes results/<study>/<regularizers>_seed<N>/ (see ablation/rundir.py). Rerunning a
 command skips completed runs and resumes interrupted ones from their last epoch checkpoint.
+Ctrl-C (SIGINT) or SIGTERM stops a run with one line, exit code 130 (143 for SIGTERM), and its
+status "interrupted"; the checkpoint is kept, and rerunning the command resumes it.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -24,7 +28,9 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
@@ -39,6 +45,27 @@ from .sample_quality import check_inception_weights
 from .trainer import DeadlineReached, Diverged, build_trainer, seed_everything
 
 log = logging.getLogger("ablation.train")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM sends before it kills a job), raised like Ctrl-C's KeyboardInterrupt."""
+
+
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM, recorded "interrupted" with its checkpoint kept."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process ended by it: 130 (SIGINT), 143 (SIGTERM)."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -161,6 +188,15 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         run.checkpoint.unlink(missing_ok=True)
         logger.summary(metrics)
         return metrics  # a diverged run is a result: the sweep goes on
+    except KeyboardInterrupt as exc:
+        epoch = _checkpoint_epoch(run)
+        message = (f"{cfg.run_name}: interrupted after epoch {epoch}; rerun the same command to resume"
+                   if epoch else f"{cfg.run_name}: interrupted before its first checkpoint; rerun the same "
+                                 f"command to start it again")
+        metrics = run.record("interrupted", epochs_completed=epoch, error=message,
+                             wall_time_s=time.perf_counter() - wall_start)
+        logger.summary(metrics)
+        raise Interrupted(message, _exit_code(exc)) from None
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         run.record("failed", error=error, traceback=traceback.format_exc(limit=5),
@@ -169,6 +205,13 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         raise
     finally:
         logger.finish(exit_code=exit_code)
+
+
+def _checkpoint_epoch(run: RunDir) -> int:
+    """The epoch a rerun resumes after: the checkpoint's, 0 without one."""
+    if not run.checkpoint.exists():
+        return 0
+    return int(torch.load(run.checkpoint, map_location="cpu", weights_only=False)["epoch"])
 
 
 def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) -> dict:
@@ -194,14 +237,51 @@ def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) ->
     return metrics
 
 
+def check_overrides(args: list[str]) -> None:
+    """Refuse a command-line key outside the schema, with `+` or without, before Hydra composes:
+    ConfigError naming the key and the closest valid one. Config groups (`+sweep=factorial`,
+    `dropout=on`) and hydra's own keys pass; Hydra reports what it cannot parse."""
+    parsed_args = get_args_parser().parse_known_args(args)[0]
+    if parsed_args.shell_completion:  # its "overrides" are the completion's command (install=bash)
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(parsed_args.overrides)
+    except Exception:  # Hydra's own message follows at composition
+        return
+    valid = C.schema_keys()
+    dirs = [Path(d) for d in (C.CONF_DIR, parsed_args.config_path, parsed_args.config_dir) if d]
+    groups = {p.relative_to(d).as_posix() for d in dirs if d.is_dir() for p in d.rglob("*") if p.is_dir()}
+    for override in parsed:
+        key = override.key_or_group
+        if key.split(".", 1)[0].split("/", 1)[0] == "hydra" or key in groups or key in valid:
+            continue
+        raise C.unknown_key_error(key, valid)
+
+
 @hydra.main(config_path=str(C.CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
+def _hydra_main(cfg: DictConfig) -> dict:
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return train(cfg)
     except (C.ConfigError, RunLockedError) as exc:
-        log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt as exc:
+        print("interrupted before training started; rerun the same command", file=sys.stderr)
+        sys.exit(_exit_code(exc))
+
+
+def main() -> None:
+    """The command line: checks the keys it is given, then lets Hydra compose and run."""
+    try:
+        check_overrides(sys.argv[1:])
+    except C.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":
