@@ -54,7 +54,7 @@ study-cpu-factorial: install ## Part 2: the 32-run factorial, seed 0, width 32, 
 
 study-cpu-bf16: install ## Part 1's none,all for seed 0 in bf16 (CPUs with bf16 instructions; ~10 min)
 	ABLATION_DATA=$(STUDY_DATA) OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) -m ablation.train -m \
-	  regularizer=none,all seed=0 budget=cpu trainer.precision=bf16 study=cifar10-cpu/bf16-check \
+	  regularizer=none,all seed=0 budget=cpu trainer.precision=bf16 trainer.threads=2 study=cifar10-cpu/bf16-check \
 	  results_dir=$(RESULTS)
 	$(PY) -m ablation.report $(RESULTS)/cifar10-cpu/bf16-check
 

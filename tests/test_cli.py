@@ -115,7 +115,8 @@ def _wait_for_first_epoch(proc: subprocess.Popen, run_dir: Path, timeout: float 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_says_so_in_one_line_and_a_rerun_resumes_it(env, signum, code):
-    args = ["budget=smoke", "logger=none", "trainer.epochs=50", "trainer.checkpoint_every_s=0", *QUICK]
+    args = ["budget=smoke", "logger=none", "trainer.epochs=50", "trainer.checkpoint_every_s=0",
+            "trainer.progress_every_s=0", *QUICK]
     run_dir = Path(env["ABLATION_RESULTS"]) / "main" / "none_seed0"
     proc = subprocess.Popen([sys.executable, "-m", "ablation.train", *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
