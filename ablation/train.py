@@ -30,9 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as C
 from . import regularizers as R
 from . import wandb_logger
+from .callbacks import note_locked
 from .data import DataError, load_images, subset
-from .rundir import RunDir, RunLockedError, State
-from .runio import atomic_torch_save, atomic_write_text, device_slot
+from .rundir import RunDir, RunLockedError, State, detach_logs
+from .runio import (atomic_torch_save, atomic_write_text, check_free_space, describe_os_error, device_slot,
+                    remove_stale_temps)
 from .runtime import Runtime, activate, prepare
 from .sample_quality import check_inception_weights
 from .trainer import DeadlineReached, Diverged, build_trainer, seed_everything
@@ -46,8 +48,20 @@ def train(cfg: DictConfig) -> dict:
     runtime, budget = prepare(cfg, int(job.job.get("num", 0) or 0) if job else 0, job.get("launcher") if job else None)
     run = RunDir(job.runtime.output_dir if job else Path(cfg.results_dir) / cfg.study / cfg.run_name)
     chash = C.config_hash(cfg)
-    with run.lock():
-        state = run.state(chash, cfg.overwrite)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run.lock())
+        except RunLockedError as exc:
+            detach_logs(run.path)  # this process's log lines stay out of the holder's train.log
+            if job is None or job.mode.name != "MULTIRUN":
+                raise
+            log.warning("%s: skipped: %s", cfg.run_name, exc)  # a sweep goes on with its free runs
+            note_locked(run.path)
+            return {"status": "locked", "run_name": cfg.run_name, "study": cfg.study, "error": str(exc)}
+        for folder in (run.path, Path(cfg.data.cache_dir).expanduser()):
+            for tmp in remove_stale_temps(folder) if folder.is_dir() else []:
+                log.info("removed %s, left by a write that was killed", tmp)
+        state = run.state(chash, cfg.overwrite, cfg)
         if state.final:
             log.info("%s: skipped (%s, config hash %s)%s", cfg.run_name, state.value, chash,
                      "; delete its directory to train it again" if state is State.DIVERGED else "")
@@ -115,8 +129,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,
                "settings_hash": C.settings_hash(cfg), "budget": budget, "device": str(runtime.device),
                "threads": runtime.threads, "precision": runtime.precision,
-               **{f"reg_{k}": v for k, v in flags.items()}})
-    wall_start = time.perf_counter()
+               **{f"reg_{k}": v for k, v in flags.items()}}, resume=resume)
     # The resolved config with the regularizers' effective values, plus their switches as top-level
     # booleans to group and filter by in W&B.
     wb_config = (OmegaConf.to_container(cfg, resolve=True) | R.effective_dict(cfg)
@@ -129,18 +142,19 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
                                     tags=([r for r, on in flags.items() if on] or ["none"]) + list(cfg.logger.tags),
                                     run_id=f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{chash[:8]}")
         trainer = build_trainer(cfg, data, runtime, run.path, logger, config_hash=chash)
+        check_free_space(run.path, _bytes_needed(trainer.model))
         if resume:
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
             trainer.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
             log.info("%s: resumed from checkpoint after epoch %d", cfg.run_name, trainer.epoch)
         trainer.fit()
-        metrics = _finish(cfg, run, trainer, logger, wall_start)
+        metrics = _finish(cfg, run, trainer, logger)
         exit_code = 0
         return metrics
     except DeadlineReached as exc:
         log.warning("%s: %s; rerun the same command to resume", cfg.run_name, exc)
         metrics = run.record("interrupted", epochs_completed=exc.epoch, steps=trainer.step, error=str(exc),
-                             wall_time_s=time.perf_counter() - wall_start)
+                             wall_time_s=run.wall_time())
         logger.summary(metrics)
         return metrics  # the sweep goes on: its next runs see the deadline before they start
     except Diverged as exc:
@@ -149,21 +163,27 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
             trainer.step_rows.append({"kind": "diverged", "epoch": exc.epoch, "step": exc.step})
             trainer.write_history()
         metrics = run.record("diverged", diverged_epoch=exc.epoch, diverged_step=exc.step, error=str(exc),
-                             wall_time_s=time.perf_counter() - wall_start)
+                             wall_time_s=run.wall_time())
         run.checkpoint.unlink(missing_ok=True)
         logger.summary(metrics)
         return metrics  # a diverged run is a result: the sweep goes on
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        run.record("failed", error=error, traceback=traceback.format_exc(limit=5),
-                   wall_time_s=time.perf_counter() - wall_start)
+        with contextlib.suppress(OSError):  # on a full disk the record fails too: the error is reported anyway
+            run.record("failed", error=error, traceback=traceback.format_exc(limit=5), wall_time_s=run.wall_time())
         logger.summary({"status": "failed", "error": error})
         raise
     finally:
         logger.finish(exit_code=exit_code)
 
 
-def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) -> dict:
+def _bytes_needed(model: torch.nn.Module) -> int:
+    """A run's disk use at its peak: model.pt, and the checkpoint (model and two Adam moments) twice while
+    its next one replaces it, plus 64 MiB for history, image grids and W&B files."""
+    return 7 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
+
+
+def _finish(cfg: DictConfig, run: RunDir, trainer, logger) -> dict:
     """Final metrics, samples and model of a trained run; records it completed."""
     final = trainer.final()
     trainer.save_samples(run / "samples.png")
@@ -174,7 +194,7 @@ def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) ->
         "completed", **final, epochs_completed=trainer.epoch, steps=trainer.step,
         max_gen_gap=max(r["gen_gap"] for r in epochs), best_epoch=min(epochs, key=lambda r: r["test_recon"])["epoch"],
         images_per_s=len(trainer.data.train_x) * trainer.epoch / max(trainer.train_time, 1e-9),
-        train_time_s=trainer.train_time, wall_time_s=time.perf_counter() - wall_start)
+        train_time_s=trainer.train_time, wall_time_s=run.wall_time())
     run.checkpoint.unlink(missing_ok=True)
     logger.log_images({"recon_final": run / "recon_final.png", "samples": run / "samples.png"}, step=trainer.step)
     logger.summary(metrics)
@@ -192,6 +212,10 @@ def main(cfg: DictConfig) -> dict:
     except (C.ConfigError, RunLockedError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only folder, no permission: one line naming the path and fix
+        log.error("%s", describe_os_error(exc))
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         sys.exit(2)
 
 
