@@ -246,15 +246,20 @@ def _hashed(cfg: DictConfig) -> dict:
     return container
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the full resolved config that determines a run's results."""
+def hashed_config(cfg: DictConfig) -> dict:
+    """What config_hash hashes: the resolved config less the fields that cannot change a run's results."""
     container = _hashed(cfg)
     for key in _NOT_HASHED:
         container.pop(key, None)
     for key in _NOT_HASHED_TRAINER:
         container["trainer"].pop(key, None)
     container["data"].pop("cache_dir", None)
-    return _hash(container)
+    return container
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the full resolved config that determines a run's results."""
+    return _hash(hashed_config(cfg))
 
 
 def settings_hash(cfg: DictConfig) -> str:

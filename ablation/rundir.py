@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .config import ConfigError, config_hash as hash_config, stored_config
+from .config import ConfigError, config_hash as hash_config, hashed_config, stored_config
 from .runio import atomic_write_json, mkdirs, read_json
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,8 @@ class RunDir:
         stored = self._stored_config()
         if cfg is None or stored is None:
             return ""
-        there, here = (_flat(OmegaConf.to_container(c, resolve=True)) for c in (stored, cfg))
-        ignored = ("study", "run_name", "results_dir", "overwrite", "logger.", "budget.name")
-        fields = [k for k in sorted(set(there) | set(here))
-                  if there.get(k) != here.get(k) and not k.startswith(ignored)]
+        there, here = (_flat(hashed_config(c)) for c in (stored, cfg))
+        fields = [k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
         return "".join(f"{', ' if i else ' in '}{k} ({there.get(k)!r} there, {here.get(k)!r} here)"
                        for i, k in enumerate(fields[:8])) + (", ..." if len(fields) > 8 else "")
 
