@@ -4,7 +4,8 @@
     python -m ablation.train -m seed=0,1,2                 # runs another live sweep holds are listed at the end
 
 `RunChecks` checks that the run's (or the sweep's) folder can be made and written before Hydra makes
-it, so that a read-only, full or missing results folder is one line rather than Hydra's tracebacks.
+it and writes its config files there, so that a read-only, full or missing results folder is one line
+rather than Hydra's tracebacks.
 A sweep's job that finds its run locked by another live process skips it (ablation/train.py) and
 notes it with `note_locked`; `RunChecks` lists those runs when the sweep ends, in the sweep's process,
 whichever launcher ran the jobs (they inherit the note file's name through the environment).
@@ -24,12 +25,18 @@ from .runio import describe_os_error, mkdirs
 _NOTES = "ABLATION_LOCKED_RUNS"  # the environment variable naming the sweep's note file
 
 
+# Bytes of the probe written before Hydra writes its .hydra/*.yaml files (a few KiB each) there.
+_PROBE_BYTES = 16 * 1024
+
+
 def check_writable(folder: str | os.PathLike) -> None:
-    """Make `folder` and write a temp file there; on failure print one line and exit 2."""
+    """Make `folder` and write a temp file of _PROBE_BYTES there; on failure print one line and exit 2."""
     try:
         mkdirs(folder)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(bytes(_PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(folder)
