@@ -111,7 +111,7 @@ study-5k-a: install ## Part A, the headline: none vs all, 5 seeds, fp32 (~75 min
 
 study-5k-a-bf16: install ## Part A's first 3 seeds in bf16, for the bf16-vs-fp32 equivalence test
 	$(REGIME_5K) regularizer=none,all seed=$(SEEDS_A_BF16) trainer.precision=bf16 study=cifar10-5k/a-bf16
-	$(PY) -m ablation.report --equivalence $(RESULTS)/cifar10-5k/a-none-vs-all $(RESULTS)/cifar10-5k/a-bf16
+	$(PY) -m ablation.equivalence $(RESULTS)/cifar10-5k/a-none-vs-all $(RESULTS)/cifar10-5k/a-bf16
 
 study-5k-b: install ## Part B: the 2^(5-1) half factorial, 2 seeds (~4 h on 2 cores)
 	$(REGIME_5K) +sweep=half_factorial seed=$(SEEDS_B) study=cifar10-5k/b-half-factorial

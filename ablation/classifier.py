@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageData, augment, to_unit_range
+from .data import ImageData, augment, content_digest, to_unit_range
 from .runio import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -111,17 +111,6 @@ def _batches(images: torch.Tensor, device: torch.device) -> Iterator[torch.Tenso
 
 
 # ----------------------------------------------------------------------------- cache identity
-
-
-def dataset_digest(data: ImageData) -> str:
-    """sha256 hex digest of the dataset: each tensor's dtype, shape and bytes, and the class names."""
-    h = hashlib.sha256()
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        tensor = getattr(data, name).detach().cpu().contiguous()
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        h.update(tensor.numpy().tobytes())
-    h.update(json.dumps(list(data.classes)).encode())
-    return h.hexdigest()
 
 
 def cache_path(cache_dir: str | os.PathLike, data_digest: str, settings: ClassifierSettings) -> Path:
@@ -272,7 +261,7 @@ def load_or_train(data: ImageData, cache_dir: str | os.PathLike | None, epochs: 
     """
     device = torch.device(device)
     settings = ClassifierSettings(epochs=epochs, seed=seed)
-    digest = dataset_digest(data)
+    digest = content_digest(data)
     path = cache_path(cache_dir, digest, settings) if cache_dir is not None else None
     cached = _load(path, digest, settings, device) if path is not None else None
     if cached is not None:

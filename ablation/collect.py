@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 
 from . import regularizers as R
 from .config import EvalConfig, settings_hash, stored_config
+from .data import DIGEST_FIELD
 from .metrics import CORE_METRICS, DERIVED_METRICS, FINAL_METRICS, derived_metrics
 from .runio import atomic_write_text
 
@@ -274,6 +276,10 @@ def collect_run(run_dir: Path, study: str) -> tuple[dict, pd.DataFrame | None]:
     if settings.get("precision") == "auto" and metrics.get("precision") and row["settings_hash"]:
         # a run made while auto was hashed as written: the precision it recorded decides its group
         row["settings_hash"] = f"{row['settings_hash']}-{metrics['precision']}"
+    if metrics.get(DIGEST_FIELD) and row["settings_hash"]:
+        # runs on different data never pool; runs that recorded no data identity keep their group
+        keyed = f"{row['settings_hash']}|{metrics[DIGEST_FIELD]}"
+        row["settings_hash"] = hashlib.sha256(keyed.encode()).hexdigest()[:16]
     if not reason:
         row |= derived_metrics(history, settings["spike_k"], settings["spike_window"])
     return row, history

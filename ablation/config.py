@@ -22,7 +22,9 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from . import regularizers as R
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# conf/ sits beside the package in a checkout; an installed wheel holds it inside (pyproject.toml).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE_DIR / "conf" if (_PACKAGE_DIR / "conf").is_dir() else _PACKAGE_DIR.parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -75,6 +77,7 @@ class TrainerConfig:
     image_interval: int = 5  # epochs between reconstruction grids (and the last epoch)
     checkpoint: bool = True  # save resumable checkpoints (at epoch ends, see checkpoint_every_s)
     checkpoint_every_s: float = 120.0  # least seconds between two checkpoints; 0 = after every epoch
+    progress_every_s: float = 30.0  # seconds between progress lines off a terminal (a bar on one); 0 = neither
     # Unix time by which the run stops cleanly between epochs with a checkpoint (a rerun resumes it);
     # a run that its study's finished runs say would not end before it does not start. null = none.
     deadline: Optional[float] = "${oc.env:ABLATION_DEADLINE,null}"
@@ -185,6 +188,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.log_interval >= 1, f"trainer.log_interval={cfg.trainer.log_interval} must be >= 1"),
         (cfg.trainer.image_interval >= 1, f"trainer.image_interval={cfg.trainer.image_interval} must be >= 1"),
         (cfg.trainer.threads >= 0, f"trainer.threads={cfg.trainer.threads} must be >= 0 (0 = automatic)"),
+        (cfg.trainer.progress_every_s >= 0, f"trainer.progress_every_s={cfg.trainer.progress_every_s} must be >= 0 (0 = off)"),
         (cfg.augmentation.crop_padding >= 0, f"augmentation.crop_padding={cfg.augmentation.crop_padding} must be >= 0"),
         (cfg.augmentation.pad_mode in ("zeros", "reflect"),
          f"augmentation.pad_mode={cfg.augmentation.pad_mode!r} is not one of zeros, reflect"),
@@ -223,7 +227,7 @@ def _hash(container: dict) -> str:
 # see step_row_interval), whether an old directory may be replaced, how many CPU threads it uses, when
 # it checkpoints and by when it must stop.
 _NOT_HASHED = ("logger", "overwrite", "results_dir", "study", "run_name")
-_NOT_HASHED_TRAINER = ("threads", "checkpoint_every_s", "deadline")
+_NOT_HASHED_TRAINER = ("threads", "checkpoint_every_s", "deadline", "progress_every_s")
 
 
 def step_row_interval(cfg: DictConfig) -> int:

@@ -4,6 +4,8 @@
                     epoch, regularizer=none vs all, mean over seeds with a ±1 sd band when an arm has several
     gen_gap         generalization gap (test minus train-subset recon) over epochs, none vs all
     rate_distortion test KL against recon (recon_mean where measured, else test_recon), one point per run
+    claims          each claim's primary metric: all − none per seed, the estimate with its CI and the ±SESOI band,
+                    titled with the claim's verdict (one panel per claim measured in both arms)
     kl_spectrum     each run's per-dimension KL (metrics.json `kl_spectrum`), when the run directories are there
     dose_<group>_<field>  a metric against a regularizer's strength, when a strength was swept
     main_effects    each regularizer's main effect on the key metrics, with 95% CIs (when estimable)
@@ -34,8 +36,9 @@ from PIL import Image  # noqa: E402
 
 from . import regularizers as R  # noqa: E402
 from .runio import atomic_write, read_json  # noqa: E402
-from .stats import cell_mask, effects_meaning, metric_label, normalize, values  # noqa: E402
-from .verdicts import CLAIMS  # noqa: E402
+from .stats import (cell_mask, effects_meaning, has_comparison, metric_label, none_and_all, normalize,  # noqa: E402
+                    values)
+from .verdicts import CLAIM_BY_KEY, CLAIMS, claims_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +302,53 @@ def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path)
     return save(fig, path)
 
 
+def _paired_by_seed(none: pd.DataFrame, all_: pd.DataFrame, metric: str) -> pd.Series:
+    """all − none of `metric` for each seed both arms hold once (empty when the arms are not paired)."""
+    a = values(none, metric).set_axis(none["seed"]).dropna()
+    b = values(all_, metric).set_axis(all_["seed"]).dropna()
+    if not (a.index.is_unique and b.index.is_unique):
+        return pd.Series(dtype=float)
+    seeds = sorted(set(a.index) & set(b.index))
+    return b[seeds] - a[seeds]
+
+
+def claim_panels(claims: pd.DataFrame) -> pd.DataFrame:
+    """The rows of verdicts.claims_table that the claims figure draws: primary metric measured in both arms."""
+    return claims[claims["none_n"].fillna(0).astype(int).gt(0) & claims["all_n"].fillna(0).astype(int).gt(0)]
+
+
+def claims_figure(runs: pd.DataFrame, claims: pd.DataFrame, path: Path) -> Path | None:
+    """One panel per claim whose primary metric is measured in both arms: the per-seed all − none differences
+    (dots), the estimate with its CI at the claim's level (bar), the ±SESOI band (shaded) and 0; the title
+    gives the claim, its verdict and which direction the claim calls better. `claims` is
+    verdicts.claims_table(runs)."""
+    shown = claim_panels(claims)
+    if shown.empty:
+        return None
+    none, all_ = (arm[arm["included"]] for arm in none_and_all(runs))
+    fig, axes = plt.subplots(len(shown), 1, figsize=(6.4, 1.25 * len(shown) + 0.6), squeeze=False)
+    for ax, (_, row) in zip(axes[:, 0], shown.iterrows()):
+        claim = CLAIM_BY_KEY[row["claim"]]
+        if np.isfinite(row["sesoi"]):
+            ax.axvspan(-row["sesoi"], row["sesoi"], color="0.88", lw=0, label="±SESOI")
+        ax.axvline(0, color="grey", lw=0.8)
+        per_seed = _paired_by_seed(none, all_, claim.primary)
+        ax.plot(per_seed.to_numpy(float), np.zeros(len(per_seed)), "o", ms=4, color=PALETTE["none"], alpha=0.7)
+        if np.isfinite(row["ci_low"]):
+            ax.errorbar([row["estimate"]], [0.35], xerr=[[row["estimate"] - row["ci_low"]],
+                                                        [row["ci_high"] - row["estimate"]]],
+                        fmt="D", color=PALETTE["all"], capsize=3)
+        elif np.isfinite(row["estimate"]):
+            ax.plot([row["estimate"]], [0.35], "D", color=PALETTE["all"])
+        ax.set_ylim(-0.5, 0.85)
+        ax.set_yticks([])
+        better = "← better" if claim.lower_is_better else "better →"
+        ax.set_title(f"{claim.title}: {row['verdict']}   ({claim.primary}, {better})", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("all − none (dots: per seed; diamond: estimate with its CI; grey: ±SESOI)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def effects_figure(effects: pd.DataFrame, path: Path, meaning: str = "on − off") -> Path | None:
     """One panel per metric: each regularizer's main effect as a bar with its 95% CI; `meaning` says what an
     effect is (stats.effects_meaning)."""
@@ -426,7 +476,11 @@ def group_figures(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame, ef
     recon_grid, recon_note = image_panels(study_dir, runs, "recon_final.png", "final reconstructions",
                                           out / f"{prefix}recon_grids.png")
     samples, samples_note = image_panels(study_dir, runs, "samples.png", "prior samples", out / f"{prefix}samples.png")
+    claims = claims_table(runs) if has_comparison(runs) else None
     made = [
+        (f"Each claim's primary metric, all − none per seed, with the estimate, its CI and the ±SESOI band "
+         f"({arms or 'none vs all'})", claims_figure(runs, claims, out / f"{prefix}claims.png")
+         if claims is not None else None),
         (f"Eval-mode reconstruction and KL per epoch, none vs all ({arms}); the right panels zoom into the last "
          "half of training", curves_figure(included, out / f"{prefix}curves.png")),
         (f"Generalization gap over epochs, none vs all ({arms})",

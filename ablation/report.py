@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import logging
 import math
@@ -40,7 +41,6 @@ from pathlib import Path
 
 import markdown as md_lib
 import pandas as pd
-from omegaconf import OmegaConf
 
 from . import regularizers as R
 from . import verdicts as V
@@ -66,7 +66,7 @@ STATUS_NOTES = {
 
 @dataclass
 class ReportResult:
-    """What write_report produced: the two documents, the figures and the tables (for W&B)."""
+    """What write_report produced: the two documents, the figures and the tables (numeric, for W&B)."""
 
     markdown: Path
     html: Path
@@ -369,8 +369,7 @@ def _comparison_section(runs: pd.DataFrame, key: str, tables: dict) -> list[str]
     if not has_comparison(runs):
         return lines + ["No finished run of regularizer=none or regularizer=all in this group.", ""]
     claims, secondary = V.claims_table(runs), V.secondary_table(runs)
-    tables[f"claims/{key}"] = claims_display(claims)
-    tables[f"secondary/{key}"] = secondary_display(secondary)
+    tables[f"claims/{key}"], tables[f"secondary/{key}"] = claims, secondary  # numbers, for W&B to sort and plot
     names = R.names()
     count, all_on = number_word(len(names)), R.combo_name(dict.fromkeys(names, True))
     tested = int(claims["p_holm"].notna().sum())
@@ -602,12 +601,20 @@ def study_name(study_dir: Path, runs: pd.DataFrame) -> str:
     return names.mode().iloc[0] if len(names) else study_dir.name
 
 
+def report_run_id(study_dir: Path, study: str) -> str:
+    """The report run's W&B id: the same for every `make report` of one study directory, so that each
+    report updates its run (resume="allow") rather than adding one."""
+    digest = hashlib.sha1(str(Path(study_dir).resolve()).encode()).hexdigest()[:8]
+    return f"{wandb_logger.safe_name('report', study)[:55]}-{digest}"
+
+
 def log_to_wandb(study_dir: Path, study: str, tables: dict[str, pd.DataFrame], figures: list[Path]) -> None:
-    """Log the report's tables and figures to a W&B run (job_type=report, group=<study>) in study_dir/wandb/."""
-    cfg = OmegaConf.create({"backend": "wandb", "project": "vae-ablation", "entity": None, "mode": "auto",
-                            "tags": [], "init_timeout": 60})
+    """Log the report's tables (numeric: W&B sorts and plots them) and figures to the study's report run
+    (job_type=report, group=<study>, in study_dir/wandb/), in the project and entity of its training runs."""
+    cfg = wandb_logger.study_logger_config(study_dir)
     logger = wandb_logger.start(cfg, run_dir=study_dir, name=f"report-{study.replace('/', '-')}", group=study,
-                                job_type="report", tags=["report"], config={"study": study, "tables": sorted(tables)})
+                                job_type="report", tags=["report"], config={"study": study, "tables": sorted(tables)},
+                                run_id=report_run_id(study_dir, study))
     exit_code = 1
     try:
         for key, frame in tables.items():

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
+from statsmodels.stats.multitest import multipletests
 from scipy import stats
 
 from . import regularizers as R
@@ -224,18 +225,19 @@ def difference(none: pd.DataFrame, all_: pd.DataFrame, metric: str) -> Differenc
     return Difference(estimate, se, df, paired, n0, n1)
 
 
-def holm(p_values) -> np.ndarray:
-    """Holm's step-down adjusted p-values; NaN entries stay NaN and are not counted among the tests."""
+def _adjust(p_values, method: str) -> np.ndarray:
+    """statsmodels' multipletests over the finite entries; NaN entries stay NaN and are not counted."""
     p = np.asarray(p_values, float)
     out = np.full(p.shape, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite], kind="stable")]
-    m = len(order)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
+    finite = np.isfinite(p)
+    if finite.any():
+        out[finite] = multipletests(p[finite], alpha=ALPHA, method=method)[1]
     return out
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values; NaN entries stay NaN and are not counted among the tests."""
+    return _adjust(p_values, "holm")
 
 
 def holm_levels(p_values, alpha: float = ALPHA) -> np.ndarray:
@@ -250,17 +252,7 @@ def holm_levels(p_values, alpha: float = ALPHA) -> np.ndarray:
 
 def benjamini_hochberg(p_values) -> np.ndarray:
     """Benjamini–Hochberg q-values (step-up FDR-adjusted p); NaN entries stay NaN and are not counted."""
-    p = np.asarray(p_values, float)
-    out = np.full(p.shape, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite], kind="stable")]
-    m = len(order)
-    running = 1.0
-    for rank in range(m - 1, -1, -1):
-        i = order[rank]
-        running = min(running, m * p[i] / (rank + 1))
-        out[i] = running
-    return out
+    return _adjust(p_values, "fdr_bh")
 
 
 def diverged_counts(none: pd.DataFrame, all_: pd.DataFrame) -> tuple[tuple[int, int], tuple[int, int], float]:

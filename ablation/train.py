@@ -28,10 +28,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
+from . import provenance
 from . import regularizers as R
 from . import wandb_logger
 from .callbacks import note_locked
-from .data import DataError, load_images, subset
+from .data import DIGEST_FIELD, DataError, load_images, subset
 from .rundir import RunDir, RunLockedError, State, detach_logs
 from .runio import (atomic_torch_save, atomic_write_text, check_free_space, describe_os_error, device_slot,
                     remove_stale_temps)
@@ -124,16 +125,22 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     if cfg.eval.inception_weights is not None:  # a bad path fails now, not after training
         check_inception_weights(cfg.eval.inception_weights)
     data = _load_data(cfg, runtime.device)  # before any run file is written
+    started_on = (run.metrics() or {}).get(DIGEST_FIELD) if resume else None
+    if started_on and data.identity is not None and started_on != data.identity.digest:
+        raise DataError(f"{run.path} started training on data {started_on[:12]}, but data.root '{cfg.data.root}' "
+                        f"now holds data {data.identity.digest[:12]}; point data.root back at the data it started on, "
+                        f"or pass overwrite=true to train it again from the start")
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
+    origin = provenance.collect(runtime.device)
     run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,
                "settings_hash": C.settings_hash(cfg), "budget": budget, "device": str(runtime.device),
-               "threads": runtime.threads, "precision": runtime.precision,
-               **{f"reg_{k}": v for k, v in flags.items()}}, resume=resume)
+               "threads": runtime.threads, "precision": runtime.precision, **data.identity.fields(),
+               **{f"reg_{k}": v for k, v in flags.items()}, "provenance": origin}, resume=resume)
     # The resolved config with the regularizers' effective values, plus their switches as top-level
     # booleans to group and filter by in W&B.
     wb_config = (OmegaConf.to_container(cfg, resolve=True) | R.effective_dict(cfg)
-                 | {f"reg_{k}": v for k, v in flags.items()})
+                 | {f"reg_{k}": v for k, v in flags.items()} | {"provenance": origin})
     exit_code, trainer = 1, None
     logger = wandb_logger.NullLogger()  # until W&B has started: a failure to start it fails the run
     try:
@@ -147,6 +154,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
             trainer.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
             log.info("%s: resumed from checkpoint after epoch %d", cfg.run_name, trainer.epoch)
+            logger.resend_history(trainer.epoch_rows + trainer.step_rows)
         trainer.fit()
         metrics = _finish(cfg, run, trainer, logger)
         exit_code = 0
@@ -199,7 +207,8 @@ def _finish(cfg: DictConfig, run: RunDir, trainer, logger) -> dict:
     logger.log_images({"recon_final": run / "recon_final.png", "samples": run / "samples.png"}, step=trainer.step)
     logger.summary(metrics)
     if cfg.logger.get("log_model"):
-        logger.log_artifact(run / "model.pt", name=f"model-{cfg.run_name}", kind="model")
+        logger.log_artifact(run / "model.pt", name=wandb_logger.safe_name("model", cfg.study, cfg.run_name),
+                            kind="model")
     log.info("%s: completed  test recon %.2f  kl %.2f  psnr %.2f dB  (%.0f s)", cfg.run_name,
              metrics["test_recon"], metrics["test_kl"], metrics["psnr"], metrics["wall_time_s"])
     return metrics

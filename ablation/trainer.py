@@ -21,11 +21,12 @@ import torch
 from torchvision.utils import save_image
 
 from .classifier import load_or_train
-from .config import EvalConfig, config_hash as hash_config, step_row_interval
+from .config import EvalConfig, TrainerConfig, config_hash as hash_config, step_row_interval
 from .data import ImageData, TrainBatches, split_validation, stratified_indices, to_unit_range
 from .evaluate import evaluate, final_metrics, inference_copy
 from .model import build_model
 from .objective import vae_loss
+from .progress import EpochProgress
 from .regularizers import effective
 from .runio import atomic_torch_save, atomic_write
 from .runtime import Runtime, place_model
@@ -73,6 +74,7 @@ class RunSettings:
     checkpoint: bool
     val_size: int | None = None  # validation images carved from the training set; None = no split
     checkpoint_every_s: float = 0.0  # least seconds between checkpoints; 0 = every epoch
+    progress_every_s: float = TrainerConfig.progress_every_s  # stderr progress (ablation/progress.py); 0 = none
     deadline: float | None = None  # Unix time by which the run stops between epochs
     iw_samples: int = EvalConfig.iw_samples  # the end-of-run measures' eval.* settings
     iw_images: int | None = EvalConfig.iw_images
@@ -94,6 +96,7 @@ class RunSettings:
             wandb_image_interval=cfg.logger.image_interval if cfg.logger.backend == "wandb" else 0,
             checkpoint=cfg.trainer.checkpoint, val_size=cfg.data.val_size,
             checkpoint_every_s=cfg.trainer.checkpoint_every_s, deadline=cfg.trainer.deadline,
+            progress_every_s=cfg.trainer.progress_every_s,
             iw_samples=cfg.eval.iw_samples, iw_images=cfg.eval.iw_images, sample_images=cfg.eval.sample_images,
             classifier_epochs=cfg.eval.classifier_epochs, inception_weights=cfg.eval.inception_weights,
             cache_dir=cfg.data.cache_dir)
@@ -199,6 +202,7 @@ class Trainer:
         bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
         step_t = torch.full((), self.step, dtype=torch.long, device=device)  # the step count, on the device
         seen = 0
+        progress = EpochProgress(self.run_dir.name, epoch, s.epochs, self.batches.images.shape[0], s.progress_every_s)
         start = time.perf_counter()
         for x in self.batches:
             self.step += 1
@@ -220,6 +224,7 @@ class Trainer:
             self.window_images += n
             self.window_steps += 1
             seen += n
+            progress.update(n)
             step_t += 1
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_t, bad_step)
             if log_now:
@@ -227,6 +232,7 @@ class Trainer:
                 self.window.zero_()
                 self.window_images = self.window_steps = 0
         elapsed = time.perf_counter() - start
+        progress.close()
         self.train_time += elapsed
         self._check_finite(epoch, bad_step)
         mean = (totals / seen).tolist()

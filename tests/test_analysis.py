@@ -537,7 +537,7 @@ def test_report_files_figures_and_verbatim_table(factorial):
     assert R.main(["--no-wandb", str(factorial)]) == 0
     text = check_report(factorial)
     names = {Path(link).name for link in png_links(text)}
-    assert names == {"curves.png", "gen_gap.png", "rate_distortion.png", "kl_spectrum.png", "main_effects.png",
+    assert names == {"claims.png", "curves.png", "gen_gap.png", "rate_distortion.png", "kl_spectrum.png", "main_effects.png",
                      "heatmap_test_recon.png", "recon_grids.png", "samples.png"}
     runs = C.read_runs_csv(factorial / "runs.csv")
     assert len(runs) == 64 and runs["included"].all()
@@ -788,3 +788,23 @@ def test_a_resolution_five_half_fraction_estimates_main_effects_and_interactions
     assert (others["estimate"].abs() < 1.5).all()
     with pytest.raises(S.NotEstimable, match="half_factorial"):
         S.interaction_effects(runs[runs["augmentation"] == runs["dropout"]], metrics=("test_recon",))
+
+
+def test_claims_figure_has_a_panel_per_measured_claim_titled_with_its_verdict(tmp_path):
+    """The claims figure draws one panel per claim whose primary metric both arms measure, titled with the
+    verdict of claims_table; a claim measured in one arm only gets no panel."""
+    rows = []
+    for on, base in ((False, 100.0), (True, 90.0)):
+        flags = dict.fromkeys(regularizers.names(), on)
+        for seed in (0, 1, 2):
+            rows.append({"run_name": regularizers.run_name(flags, seed), "combo": regularizers.combo_name(flags),
+                         "seed": seed, "settings_hash": "h" * 16, **flags, "status": "completed", "included": True,
+                         "recon_mean": base + seed, "probe_acc": 0.4 + 0.01 * seed if on else None})
+    runs = pd.DataFrame(rows)
+    claims = V.claims_table(runs)
+    fig_path = F.claims_figure(runs, claims, tmp_path / "claims.png")
+    with Image.open(fig_path) as im:
+        im.verify()
+    assert list(F.claim_panels(claims)["claim"]) == ["reconstruction"]
+    assert F.claims_figure(runs.assign(recon_mean=np.nan), V.claims_table(runs.assign(recon_mean=np.nan)),
+                           tmp_path / "none.png") is None

@@ -9,7 +9,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tfi
 from ablation import classifier as C
 from ablation import sample_quality as Q
 from ablation.config import ConfigError
-from ablation.data import ImageData, load_images, to_unit_range
+from ablation.data import ImageData, content_digest, load_images, to_unit_range
 from ablation.synthetic import make_imagefolder
 
 
@@ -212,7 +212,7 @@ def test_other_data_or_settings_get_a_new_cache_file(tiny_classifier, tiny_data,
 
 
 def test_corrupt_cache_file_is_retrained_over(tiny_data, tmp_path, monkeypatch):
-    path = C.cache_path(tmp_path, C.dataset_digest(tiny_data), C.ClassifierSettings(epochs=1))
+    path = C.cache_path(tmp_path, content_digest(tiny_data), C.ClassifierSettings(epochs=1))
     path.write_bytes(b"not a torch file")
     counter = Counter()
     monkeypatch.setattr(C, "train_classifier", counter)

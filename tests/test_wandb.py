@@ -7,23 +7,34 @@ against the values the run itself wrote locally (metrics.json, history.csv).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
+import wandb
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from ablation import wandb_logger
-from ablation.regularizers import names
+from ablation import report, wandb_logger
+from ablation.regularizers import effective_dict, names
 from ablation.synthetic import make_imagefolder
-from wandb_records import offline_run_dirs, read_run, records
+from wandb_records import offline_run_dirs, read_run, read_table, records
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = "main"
+# The study's W&B settings: not the defaults, so that the report run can be seen to take them over.
+PROJECT, ENTITY = "vae-ablation-test", "test-team"
 RUNS = {"none": "none_seed0", "all": "wd-do-bn-beta-aug_seed0"}
 # budget=smoke: 2 epochs of train_size 256 in batches of 128 -> 2 optimizer steps an epoch.
 EPOCHS, STEPS_PER_EPOCH = 2, 256 // 128
@@ -118,9 +129,11 @@ def assert_summary_matches(summary: dict, metrics: dict) -> None:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, wb_env) -> dict:
-    """The 2-run study `-m regularizer=none,all` with WANDB_MODE=offline; {"none"|"all": (run dir, records)}."""
+    """The 2-run study `-m regularizer=none,all` with WANDB_MODE=offline, its models logged as artifacts;
+    {"none"|"all": (run dir, records)}."""
     results = tmp_path_factory.mktemp("study") / "results"
-    train(results, "regularizer=none,all", env=wb_env, multirun=True, WANDB_MODE="offline")
+    train(results, "regularizer=none,all", f"logger.project={PROJECT}", f"logger.entity={ENTITY}",
+          "logger.log_model=true", env=wb_env, multirun=True, WANDB_MODE="offline")
     return {k: (results / STUDY / name, one_offline_run(results / STUDY / name)) for k, name in RUNS.items()}
 
 
@@ -141,8 +154,9 @@ def test_run_identity_and_config(study, key):
     assert rec.name == run_dir.name == RUNS[key]
     assert rec.group == STUDY
     assert rec.job_type == "train"
-    assert rec.project == "vae-ablation"
+    assert (rec.project, rec.entity) == (PROJECT, ENTITY)
     assert rec.run_id == f"{STUDY}-{run_dir.name}-{metrics['config_hash'][:8]}"
+    assert rec.artifacts == [(f"model-{STUDY}-{run_dir.name}", "model")]
     on = key == "all"
     assert rec.tags == (list(names()) if on else ["none"])
     for reg in names():  # the five flags as top-level booleans, beside the groups' own settings
@@ -174,11 +188,15 @@ def test_history_rows_and_values(study, key):
             expected |= FINAL_IMAGES
         assert set(row) == expected, f"step {step}: {sorted(set(row) ^ expected)}"
         assert row["epoch"] == (step - 1) // STEPS_PER_EPOCH + 1
-    # the values are the ones in the run's own history.csv
+    assert_history_equals_csv(rec, run_dir, STEPS, EPOCHS)
+
+
+def assert_history_equals_csv(rec, run_dir: Path, steps: int, epochs: int) -> None:
+    """The W&B history's values are the ones in the run's own history.csv, row for row."""
     local = pd.read_csv(run_dir / "history.csv")
     by_step = {row["_step"]: row for row in rec.history}
     step_rows, epoch_rows = local[local.kind == "step"], local[local.kind == "epoch"]
-    assert len(step_rows) == STEPS and len(epoch_rows) == EPOCHS
+    assert len(step_rows) == steps and len(epoch_rows) == epochs
     for r in step_rows.itertuples():
         wb = by_step[r.step]
         assert (wb["train/loss"], wb["train/recon"], wb["train/kl"], wb["train/grad_norm"]) == pytest.approx(
@@ -197,6 +215,41 @@ def test_summary_equals_metrics_json(study, key):
     assert metrics["status"] == rec.summary["status"] == "completed"
     assert_summary_matches(rec.summary, metrics)
     assert_summary_written_last(rec)
+
+
+def test_report_run_takes_the_study_project_a_stable_id_and_numeric_tables(study, wb_env):
+    """`make report` twice: one W&B run id (each report resumes it), in the training runs' project and
+    entity, whose tables hold numbers (NaN as null), equal to runs.csv's."""
+    study_dir = study["none"][0].parent
+    for _ in range(2):
+        subprocess.run([sys.executable, "-m", "ablation.report", str(study_dir)], cwd=ROOT, check=True, timeout=300,
+                       env=wb_env | {"WANDB_MODE": "offline", "MPLBACKEND": "Agg"}, capture_output=True)
+    first, second = (read_run(d) for d in offline_run_dirs(study_dir / "wandb"))
+    assert first.run_id == second.run_id == report.report_run_id(study_dir, STUDY)
+    assert first.run_id.startswith(f"report-{STUDY}-") and first.run_id != report.report_run_id(study_dir, "other")
+    for rec in (first, second):
+        assert (rec.project, rec.entity, rec.job_type, rec.group) == (PROJECT, ENTITY, "report", STUDY)
+        assert rec.exit_code == 0
+    logged = {k: read_table(second, v) for row in second.history for k, v in row.items()
+              if isinstance(v, dict) and v.get("_type") == "table-file"}
+    claims = next(t for k, t in logged.items() if k.startswith("claims/"))
+    rows = [dict(zip(claims["columns"], row)) for row in claims["data"]]
+    runs = pd.read_csv(study_dir / "runs.csv").set_index("run_name")
+    for row in rows:  # one run a side: each mean is that run's value, its CI undefined (null)
+        for side, run_name in (("none", RUNS["none"]), ("all", RUNS["all"])):
+            value = runs.loc[run_name, row["primary"]]
+            assert row[f"{side}_ci"] is None, row
+            if math.isnan(value):  # a metric these 2-epoch runs do not measure
+                assert row[f"{side}_mean"] is None and row[f"{side}_n"] == 0, row
+            else:
+                assert isinstance(row[f"{side}_mean"], float) and row[f"{side}_n"] == 1, row
+                assert row[f"{side}_mean"] == pytest.approx(value, rel=1e-9)
+    for key, table in logged.items():  # no number anywhere is a string
+        for row in table["data"]:
+            for cell in row:
+                if isinstance(cell, str):
+                    with pytest.raises(ValueError):
+                        float(cell)
 
 
 @pytest.mark.parametrize("key", sorted(RUNS))
@@ -280,12 +333,16 @@ def test_without_credentials_a_run_goes_offline(tmp_path, wb_env, mode):
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    """No WANDB_MODE, no key, an empty netrc, the default W&B host."""
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+    """No WANDB_MODE, no key, an empty netrc, no settings file, the default W&B host; wandb's process-wide
+    settings and session credentials are dropped before and after (wandb.teardown), so each test's files count."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)
     (tmp_path / "netrc").write_text("")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    return monkeypatch
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    wandb.teardown()
+    yield monkeypatch
+    wandb.teardown()
 
 
 @pytest.mark.parametrize("env,requested,mode", [
@@ -315,6 +372,35 @@ def test_resolve_mode(clean_env, env, requested, mode):
 def test_resolve_mode_auto_with_netrc_login(clean_env, tmp_path):
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
     assert wandb_logger.resolve_mode("auto")[0] == "online"
+
+
+OTHER_HOST = "https://wandb.example.com"
+
+
+@pytest.mark.parametrize("netrc_host,base_url_env,settings,online", [
+    ("default", None, {}, True),  # `wandb login` writes wandb's default host (not api.wandb.ai in 0.31)
+    ("wandb.example.com", OTHER_HOST, {}, True),  # a server named by WANDB_BASE_URL
+    ("wandb.example.com", None, {"base_url": OTHER_HOST}, True),  # ... or by the settings file
+    ("wandb.example.com", None, {}, False),  # a login for another server than the one wandb would use
+    ("default", OTHER_HOST, {}, False),
+    (None, None, {"api_key": "k" * 40}, True),  # the settings file's api_key
+    (None, None, {}, False),
+])
+def test_auto_mode_finds_credentials_where_wandb_does(clean_env, tmp_path, netrc_host, base_url_env, settings,
+                                                      online):
+    """Only local files: a netrc (NETRC) and a settings file (WANDB_CONFIG_DIR/settings); never online."""
+    if netrc_host == "default":
+        netrc_host = urlsplit(wandb.Settings().base_url).hostname
+    if netrc_host:
+        (tmp_path / "netrc").write_text(f"machine {netrc_host}\n  login user\n  password {'k' * 40}\n")
+    if base_url_env:
+        clean_env.setenv("WANDB_BASE_URL", base_url_env)
+    if settings:
+        (tmp_path / "wandb-config").mkdir()
+        (tmp_path / "wandb-config" / "settings").write_text(
+            "[default]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    assert wandb_logger.has_credentials() is online
+    assert wandb_logger.resolve_mode("auto")[0] == ("online" if online else "offline")
 
 
 # ---------------------------------------------------------------------------------- failures
@@ -362,6 +448,67 @@ def test_diverged_run_is_recorded_as_diverged(tmp_path, wb_env):
     assert [row["_step"] for row in rec.history] == [1] and math.isnan(rec.history[0]["train/loss"])
 
 
+def test_a_killed_run_resumes_its_wandb_run_with_the_whole_history(tmp_path, wb_env):
+    """SIGKILL after two epochs, then the same command again: the resumed W&B run has the same id and re-sends
+    the history up to the checkpoint, so that its history equals history.csv (the killed attempt's .wandb
+    file may hold nothing but its header); the model artifact's name carries the study."""
+    results, study_name, epochs = tmp_path / "results", "resume/kill", 8
+    args = ("regularizer=none", f"study={study_name}", f"budget.epochs={epochs}", "trainer.checkpoint_every_s=0",
+            "logger.log_model=true")
+    run_dir = results / study_name / RUNS["none"]
+    env = wb_env | {"ABLATION_RESULTS": str(results), "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "ablation.train", *COMMON, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            history = run_dir / "history.csv"
+            if (run_dir / "checkpoint.pt").exists() and history.exists() and \
+                    (pd.read_csv(history).kind == "epoch").sum() >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before two epochs were in history.csv"
+    assert metrics_of(run_dir)["status"] == "running"
+    train(results, *args, env=wb_env, WANDB_MODE="offline")
+    metrics = metrics_of(run_dir)
+    assert metrics["status"] == "completed" and metrics["epochs_completed"] == epochs
+    killed, resumed = (read_run(d) for d in offline_run_dirs(run_dir / "wandb"))
+    run_id = f"resume-kill-{RUNS['none']}-{metrics['config_hash'][:8]}"
+    assert resumed.run_id == run_id and killed.run_id in ("", run_id)  # "": a header-only file
+    assert killed.path.name == resumed.path.name == f"run-{run_id}.wandb"
+    assert "resumed from checkpoint" in (run_dir / "train.log").read_text()
+    steps = epochs * STEPS_PER_EPOCH
+    assert [row["_step"] for row in resumed.history] == list(range(1, steps + 1))
+    assert_history_equals_csv(resumed, run_dir, steps, epochs)
+    assert resumed.exit_code == 0 and resumed.summary["status"] == "completed"
+    assert resumed.artifacts == [(f"model-resume-kill-{RUNS['none']}", "model")]
+
+
+def test_online_init_without_network_falls_back_to_an_offline_run_with_the_same_id(tmp_path, wb_env):
+    """logger.mode=online with a key and no server (a closed local port): init gives up after
+    logger.init_timeout, and the run trains on, logging to an offline W&B run with the id and config it
+    would have had online."""
+    results = tmp_path / "results"
+    proc = train(results, "study=fallback", "logger.mode=online", "logger.init_timeout=2", env=wb_env,
+                 WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="k" * 40)
+    run_dir = results / "fallback" / RUNS["none"]
+    metrics = metrics_of(run_dir)
+    assert metrics["status"] == "completed"
+    rec = one_offline_run(run_dir)
+    assert rec.run_id == f"fallback-{RUNS['none']}-{metrics['config_hash'][:8]}"
+    assert rec.exit_code == 0 and rec.name == RUNS["none"] and rec.group == "fallback"
+    assert rec.config["study"] == "fallback" and rec.config["logger"]["mode"] == "online"
+    assert [row["_step"] for row in rec.history] == list(range(1, STEPS + 1))
+    assert_summary_matches(rec.summary, metrics)
+    log = (run_dir / "train.log").read_text() + proc.stderr
+    assert "falling back to offline mode" in log and "W&B offline (online init failed)" in log
+    assert "is in use" not in log
+
+
 def test_a_missing_wandb_package_is_one_warning_and_the_run_goes_on(tmp_path, wb_env):
     """As on a GPU machine whose image lacks wandb: logger=wandb degrades to the local files."""
     hide = tmp_path / "hide"
@@ -373,3 +520,66 @@ def test_a_missing_wandb_package_is_one_warning_and_the_run_goes_on(tmp_path, wb
     assert metrics_of(run_dir)["status"] == "completed"
     assert (proc.stdout + proc.stderr).count("the wandb package is not installed") == 1
     assert not (run_dir / "wandb").exists()
+
+
+# ---------------------------------------------------------------------------------- W&B sweeps
+
+WANDB_SWEEPS = ROOT / "conf" / "wandb_sweep"
+HYDRA_SWEEPS = ROOT / "conf" / "sweep"
+COMMAND_HEAD = ["${env}", "${interpreter}", "-m", "ablation.train"]
+
+
+def wandb_grid(spec: dict) -> list[tuple[dict, list[str]]]:
+    """Every grid point of a W&B sweep and the arguments an agent runs it with: wandb's own
+    `${args_no_hyphens}` after the command's fixed arguments."""
+    command = spec["command"]
+    assert command[:len(COMMAND_HEAD)] == COMMAND_HEAD and command[-1] == "${args_no_hyphens}", command
+    keys = list(spec["parameters"])
+    points = []
+    for values in itertools.product(*(spec["parameters"][k]["values"] for k in keys)):
+        point = dict(zip(keys, values))
+        args = create_sweep_command_args({"args": {k: {"value": v} for k, v in point.items()}})["args_no_hyphens"]
+        points.append((point, command[len(COMMAND_HEAD):-1] + args))
+    return points
+
+
+def hydra_grid(name: str) -> list[list[str]]:
+    """The overrides of every job of `python -m ablation.train -m +sweep=<name>`."""
+    params = OmegaConf.load(HYDRA_SWEEPS / f"{name}.yaml").hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    lists = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    return [[f"+sweep={name}", *job] for job in itertools.product(*lists)]
+
+
+def settings(cfg) -> tuple:
+    """What a run computes with: the regularizers' effective values and the seed."""
+    return json.dumps(effective_dict(cfg), sort_keys=True), cfg.seed
+
+
+def test_a_wandb_sweep_for_the_factorial_and_each_dose_sweep():
+    assert sorted(p.stem for p in WANDB_SWEEPS.glob("*.yaml")) == sorted(
+        ["factorial", "dose_beta", "dose_dropout", "dose_weight_decay", "dose_augmentation"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in WANDB_SWEEPS.glob("*.yaml")))
+def test_every_wandb_sweep_point_composes_to_its_settings(compose_cfg, name):
+    """Each grid point's command line composes in Hydra to the grid point's regularizer settings, and the
+    W&B sweep runs exactly the runs of the Hydra sweep of the same name, one run a point."""
+    spec = yaml.safe_load((WANDB_SWEEPS / f"{name}.yaml").read_text())  # PyYAML, as `wandb sweep` reads it
+    assert spec["method"] == "grid" and f"+sweep={name}" in spec["command"]
+    seen = []
+    for point, args in wandb_grid(spec):
+        cfg = compose_cfg(*args)
+        effective = effective_dict(cfg)
+        for key, value in point.items():
+            if key == "seed":
+                assert cfg.seed == value
+            elif "." in key:  # a dose: that regularizer on at that strength
+                group, field = key.split(".")
+                assert effective[group]["enabled"] and effective[group][field] == pytest.approx(float(value)), args
+            else:  # a switch ('on'/'off') or a variant of the group
+                assert effective[key]["enabled"] is (value != "off"), args
+        seen.append(settings(cfg))
+    assert len(set(seen)) == len(seen), "two grid points run the same settings"
+    hydra_runs = [settings(compose_cfg(*job)) for job in hydra_grid(name)]
+    assert sorted(seen) == sorted(hydra_runs)

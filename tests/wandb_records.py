@@ -3,6 +3,7 @@
     from wandb_records import offline_run_dirs, read_run
     rec = read_run(run_dir / "wandb" / "offline-run-...")   # or the .wandb file itself
     rec.group, rec.tags, rec.config["dropout"], rec.history[-1]["test/recon"], rec.summary["status"]
+    read_table(rec, rec.history[0]["claims/0123abcd"])["data"]        # a logged wandb.Table
 
 The `.wandb` file is W&B's transaction log: every record the run produced, in order, as
 `wandb.proto.wandb_internal_pb2.Record` protobufs. Since the Go core (wandb-core) writes it, wandb
@@ -45,12 +46,14 @@ class OfflineRun:
     group: str = ""
     job_type: str = ""
     project: str = ""
+    entity: str = ""
     tags: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the run's config (W&B adds a "_wandb" key)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per history row, file order
     summary: dict[str, Any] = field(default_factory=dict)  # all summary updates applied, the last wins
     exit_code: int | None = None  # from the exit record; None when the run never finished
     files: list[str] = field(default_factory=list)  # paths of files records, relative to the run's files/
+    artifacts: list[tuple[str, str]] = field(default_factory=list)  # (name, type) of each logged artifact
     record_types: list[str] = field(default_factory=list)  # the record type of every record, in order
 
     @property
@@ -85,8 +88,8 @@ def read_run(path: str | Path) -> OfflineRun:
         out.record_types.append(kind)
         if kind == "run":
             r = rec.run
-            out.run_id, out.name, out.group, out.job_type, out.project = (
-                r.run_id, r.display_name, r.run_group, r.job_type, r.project)
+            out.run_id, out.name, out.group, out.job_type, out.project, out.entity = (
+                r.run_id, r.display_name, r.run_group, r.job_type, r.project, r.entity)
             out.tags = list(r.tags)
             _apply(out.config, r.config.update, r.config.remove)
         elif kind == "config":
@@ -101,7 +104,15 @@ def read_run(path: str | Path) -> OfflineRun:
             out.exit_code = rec.exit.exit_code
         elif kind == "files":
             out.files += [f.path for f in rec.files.files]
+        elif kind == "artifact":
+            out.artifacts.append((rec.artifact.name, rec.artifact.type))
     return out
+
+
+def read_table(run: OfflineRun, value: dict) -> dict[str, Any]:
+    """The table a history value (`"_type": "table-file"`) points to: {"columns": [...], "data": [[...]]}."""
+    assert value.get("_type") == "table-file", value
+    return json.loads((run.path.parent / "files" / value["path"]).read_text())
 
 
 def records(path: str | Path) -> Iterator[pb.Record]:

@@ -99,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     """Every measurement of the bench; `tmp` holds the tiny mode's data and an unpacked archive."""
+    # no progress bar or lines: they would draw inside the timed loops
     common = ["regularizer=all", "logger=none", f"budget={'smoke' if args.tiny else 'cpu'}",
-              f"trainer.device={args.device}", f"trainer.precision={args.precision}"]
+              f"trainer.device={args.device}", f"trainer.precision={args.precision}", "trainer.progress_every_s=0"]
     if args.tiny and not args.data_root:
         args.data_root = str(make_imagefolder(tmp / "data", n_train=TINY_TRAIN, n_test=TINY_TEST))
     if args.data_root:
