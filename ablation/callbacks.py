@@ -7,7 +7,8 @@
 it and writes its config files there, so that a read-only, full or missing results folder is one line
 rather than Hydra's tracebacks.
 A sweep's job that finds its run locked by another live process skips it (ablation/train.py) and
-notes it with `note_locked`; `RunChecks` lists those runs when the sweep ends, in the sweep's process,
+notes it with `note_locked`; `RunChecks` keeps the job's log lines out of that run's train.log from
+the job's start (list it before other callbacks that log), and lists those runs when the sweep ends, in the sweep's process,
 whichever launcher ran the jobs (they inherit the note file's name through the environment).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .rundir import detach_logs, is_locked
 from .runio import describe_os_error, mkdirs
 
 _NOTES = "ABLATION_LOCKED_RUNS"  # the environment variable naming the sweep's note file
@@ -61,6 +63,11 @@ class RunChecks(Callback):
         fd, notes = tempfile.mkstemp(prefix="ablation-locked-", suffix=".txt")
         os.close(fd)
         os.environ[_NOTES] = notes
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = OmegaConf.select(config, "hydra.runtime.output_dir")
+        if run_dir and is_locked(run_dir):  # the job will skip it: no line of it in the holder's train.log
+            detach_logs(run_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         notes = os.environ.pop(_NOTES, None)

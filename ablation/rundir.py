@@ -139,6 +139,21 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
 
 
+def is_locked(run_dir: str | os.PathLike) -> bool:
+    """Whether a live process holds `run_dir`'s lock (a shared flock cannot be had while it does)."""
+    try:
+        fd = os.open(Path(run_dir) / "run.lock", os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared flock if it was had
+
+
 def detach_logs(run_dir: str | os.PathLike) -> None:
     """Stop this process's log files inside `run_dir` (Hydra's train.log): another process owns that run."""
     inside = Path(run_dir).resolve()
