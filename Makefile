@@ -8,7 +8,7 @@ RESULTS ?= $(or $(ABLATION_RESULTS),results)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run study-pilot \
+.PHONY: help install run test faults report bench study-cpu study-cpu-seeds study-cpu-factorial study-cpu-bf16 clean gpu-prep gpu-dry-run study-pilot \
   study-5k study-5k-a study-5k-a-bf16 study-5k-b study-5k-c study-5k-d study-5k-e
 
 help: ## List the targets
@@ -25,8 +25,11 @@ run: install ## Train regularizer=none,all (STUDY=main, RESULTS=dir, ARGS=extra 
 	$(PY) -m ablation.train -m regularizer=none,all study=$(STUDY) results_dir=$(RESULTS) $(ARGS)
 	$(PY) -m ablation.report $(RESULTS)/$(STUDY)
 
-test: install ## Run the test suite
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: install ## Run the test suite, less the fault suite
+	$(PY) -m pytest -q -m 'not faults' $(PYTEST_ARGS)
+
+faults: install ## Run the fault suite (kills, corrupted archives, a full disk); prints the cases tried and held
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 
 report: install ## Aggregate every study under results/ (or RESULTS=dir) into report.md/html
 	$(PY) -m ablation.report $(RESULTS) $(ARGS)

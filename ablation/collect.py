@@ -5,9 +5,10 @@ each run's metrics.json, history.csv and config.yaml into two frames, written as
     runs.csv      one row per run: the regularizer flags, seed, status, settings_hash, the settings,
                   every final metric of metrics.json and the metrics derived from history
     history.csv   the epoch rows of every run's history.csv, with the run's identifiers
-A run that is not completed, or whose metrics.json, history.csv or config.yaml is missing or
-unreadable, is kept with `included` False and the reason in `excluded_reason`, and a warning
-naming the file is logged. write_tables and read_runs_csv write and read the two CSV files.
+A run that is not completed, or whose metrics.json, history.csv or config.yaml is missing,
+unreadable or holds a metric that is not a number, is kept with `included` False and the reason in
+`excluded_reason`, and a warning naming the file is logged. A run's settings_hash is today's hash of
+its config.yaml (ablation/config.py), so runs recorded under an earlier hash function pool as before. write_tables and read_runs_csv write and read the two CSV files.
 
 The regularizer columns are those registered in ablation.regularizers when a function runs.
 """
@@ -24,7 +25,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from . import regularizers as R
-from .config import EvalConfig
+from .config import EvalConfig, current_settings_hash
 from .data import DIGEST_FIELD
 from .metrics import CORE_METRICS, DERIVED_METRICS, FINAL_METRICS, derived_metrics
 from .runio import atomic_write_text
@@ -191,9 +192,15 @@ def _status_reason(metrics: dict) -> str:
     return f"unknown status {status!r} in metrics.json"
 
 
+def _is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def _completed_problems(metrics: dict, history: pd.DataFrame | None) -> list[str]:
     """Inconsistencies that keep a completed run out of the statistics."""
     problems = [f"metrics.json lacks {k}" for k in ("settings_hash", *CORE_METRICS) if k not in metrics]
+    problems += [f"metrics.json has {k}={metrics[k]!r}, not a number (corrupt?)" for k in FINAL_METRICS
+                 if k in metrics and not _is_number(metrics[k])]
     if history is not None:
         n_epochs = int((history["kind"] == "epoch").sum())
         if n_epochs == 0 or ("epochs_completed" in metrics and n_epochs != metrics["epochs_completed"]):
@@ -257,7 +264,9 @@ def collect_run(run_dir: Path, study: str) -> tuple[dict, pd.DataFrame | None]:
         log.warning("%s: excluded from the statistics (%s)", run_dir, reason)
     known_flags = all(r in identity for r in regularizers)
     columns = run_columns()
-    row = dict.fromkeys(columns) | {k: metrics[k] for k in columns if k in metrics}
+    row = dict.fromkeys(columns) | {k: metrics[k] for k in columns if k in metrics
+                                    if k not in FINAL_METRICS or _is_number(metrics[k])}
+    row["settings_hash"] = current_settings_hash(run_dir / "config.yaml", row["settings_hash"])
     row |= {k: identity.get(k) for k in ("seed", *SETTINGS, *strength_columns(), *regularizers)}
     row |= {"study": metrics.get("study") or study, "run_name": run_dir.name, "status": status, "included": not reason,
             "excluded_reason": reason or None,

@@ -16,7 +16,7 @@ import difflib
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -300,22 +300,30 @@ def step_row_interval(cfg: DictConfig) -> int:
 
 def _hashed(cfg: DictConfig) -> dict:
     """The resolved config with the step-row interval the logger may shorten, and each regularizer
-    group at its effective values (an off group's values do nothing, so they are not hashed)."""
+    group at its effective values (an off group's values do nothing, so they are not hashed).
+    The budget preset is left out: its values reach a run only through trainer.epochs, model.width and
+    data.train_size/test_size, which are hashed, so budget.epochs=5 and trainer.epochs=5 hash alike."""
     container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("budget", None)
     container["trainer"]["log_interval"] = step_row_interval(cfg)
     container |= R.effective_dict(cfg)
     return container
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the full resolved config that determines a run's results."""
+def hashed_config(cfg: DictConfig) -> dict:
+    """What config_hash hashes: the resolved config less the fields that cannot change a run's results."""
     container = _hashed(cfg)
     for key in _NOT_HASHED:
         container.pop(key, None)
     for key in _NOT_HASHED_TRAINER:
         container["trainer"].pop(key, None)
     container["data"].pop("cache_dir", None)
-    return _hash(container)
+    return container
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the full resolved config that determines a run's results."""
+    return _hash(hashed_config(cfg))
 
 
 def settings_hash(cfg: DictConfig) -> str:
@@ -328,3 +336,24 @@ def settings_hash(cfg: DictConfig) -> str:
     container["data"].pop("cache_dir", None)
     container["data"].pop("root", None)
     return _hash(container)
+
+
+def current_settings_hash(config_yaml: str | Path, recorded: str | None) -> str | None:
+    """A run's settings_hash by today's function, from its stored config.yaml; the hash it recorded where that
+    file is unusable (stored_config), and None for a run that recorded none."""
+    stored = stored_config(config_yaml) if recorded else None
+    return settings_hash(stored) if stored is not None else recorded
+
+
+def stored_config(path: str | Path) -> DictConfig | None:
+    """A run's stored config.yaml on the current schema's defaults (fields added since it was written
+    take their defaults), so that today's config_hash/settings_hash can hash it; None when absent or
+    unreadable, when it lacks a whole top-level field of the schema (not a run's resolved config), or
+    when it holds a field the schema no longer has."""
+    try:
+        stored = OmegaConf.load(path)
+        if not all(f.name in stored for f in fields(schema())):
+            return None
+        return OmegaConf.merge(OmegaConf.structured(schema()), stored)
+    except Exception:  # YAML, type and key errors alike: no usable stored config
+        return None

@@ -142,13 +142,13 @@ def sweep_eta(info: dict, jobs: list[dict]) -> str:
 
 
 def _status(job_return: JobReturn, metrics: dict, untouched: bool) -> str:
-    """completed, diverged, interrupted, failed, not started, or skipped (completed|diverged) when
+    """completed, diverged, interrupted, failed, not started, locked, or skipped (completed|diverged) when
     the run was final before the job and the job did not write its metrics.json."""
     if job_return.status is JobStatus.FAILED:
         return "failed"
     returned = job_return.return_value
-    if isinstance(returned, dict) and returned.get("status") == "not started":  # refused for the deadline
-        return "not started"
+    if isinstance(returned, dict) and returned.get("status") in ("not started", "locked"):  # refused for the
+        return returned["status"]  # deadline, or held by another live process
     status = metrics.get("status") or "unknown"
     final = {s.value for s in State if s.final}
     return f"skipped ({status})" if untouched and status in final else status

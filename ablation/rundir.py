@@ -11,6 +11,10 @@
 A run's state, read under its lock, is one of `State`: absent (nothing yet), interrupted (a
 process died or was stopped; it resumes from checkpoint.pt if there is one), completed,
 diverged (both final: a rerun skips them), or failed (an exception; a rerun starts again).
+
+Whether a directory holds the config being run is decided by today's config_hash of its stored
+config.yaml, so that runs hashed by an earlier hash function are still recognized. A resumed run's
+wall_time_s counts every attempt, and metrics.json's `attempts` says how many there were.
 """
 from __future__ import annotations
 
@@ -21,13 +25,15 @@ import logging
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from omegaconf import DictConfig
 
-from .config import ConfigError
-from .runio import atomic_write_json, read_json
+from .config import ConfigError, config_hash as hash_config, hashed_config, stored_config
+from .runio import atomic_write_json, mkdirs, read_json
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     filesystem whose flock is local to each host, that host's process cannot be checked from here.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mkdirs(run_dir)
     lock = run_dir / "run.lock"
     here = socket.gethostname()
     me = f"{here} {os.getpid()}"
@@ -133,6 +139,31 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
 
 
+def is_locked(run_dir: str | os.PathLike) -> bool:
+    """Whether a live process holds `run_dir`'s lock (a shared flock cannot be had while it does)."""
+    try:
+        fd = os.open(Path(run_dir) / "run.lock", os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared flock if it was had
+
+
+def detach_logs(run_dir: str | os.PathLike) -> None:
+    """Stop this process's log files inside `run_dir` (Hydra's train.log): another process owns that run."""
+    inside = Path(run_dir).resolve()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(inside):
+            root.removeHandler(handler)
+            handler.close()
+
+
 class RunDir:
     """One run's directory. `record` is the only writer of metrics.json: every write keeps the
     identity fields given to `start` and adds the status and metrics of the moment."""
@@ -140,6 +171,8 @@ class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.identity: dict = {}
+        self._started = time.perf_counter()
+        self._earlier_s = 0.0  # wall time of the earlier attempts this one resumes
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -165,20 +198,45 @@ class RunDir:
                 return None
         return None
 
-    def state(self, config_hash: str, overwrite: bool = False) -> State:
-        """The state of the run for this config; refuses a directory that holds another config,
-        or with overwrite=true clears it first."""
+    def _stored_config(self) -> DictConfig | None:
+        return stored_config(self.path / "config.yaml")
+
+    def _differences(self, cfg: DictConfig | None) -> str:
+        """' in trainer.epochs (1 there, 2 here), ...' for the fields where the stored config.yaml and `cfg`
+        differ; '' when either is unknown."""
+        stored = self._stored_config()
+        if cfg is None or stored is None:
+            return ""
+        there, here = (_flat(hashed_config(c)) for c in (stored, cfg))
+        fields = [k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
+        return "".join(f"{', ' if i else ' in '}{k} ({there.get(k)!r} there, {here.get(k)!r} here)"
+                       for i, k in enumerate(fields[:8])) + (", ..." if len(fields) > 8 else "")
+
+    def holds(self, config_hash: str) -> bool | None:
+        """Whether the directory holds a run of the config hashed `config_hash`: today's hash of its stored
+        config.yaml, or the hash it recorded; None when it holds no run."""
         old = self._recorded_hash()
-        if old is not None and old != config_hash:
+        if old is None:
+            return None
+        stored = self._stored_config()
+        return old == config_hash or (stored is not None and hash_config(stored) == config_hash)
+
+    def state(self, config_hash: str, overwrite: bool = False, cfg: DictConfig | None = None) -> State:
+        """The state of the run for this config (`cfg`, hashed `config_hash`); refuses a directory that
+        holds another config, naming the fields that differ, or with overwrite=true clears it first."""
+        same = self.holds(config_hash)
+        if same is False:
+            old = self._recorded_hash()
             if not overwrite:
                 raise ConfigError(
-                    f"run directory {self.path} holds a run with a different config (hash {old}, this config "
-                    f"{config_hash}). Use another study=NAME, or pass overwrite=true to replace it.")
+                    f"run directory {self.path} holds a run with a different config{self._differences(cfg)} "
+                    f"(hash {old}, this config {config_hash}). Use another study=NAME, or pass overwrite=true to "
+                    f"replace it.")
             log.warning("overwrite=true: replacing the run in %s (config hash %s -> %s)", self.path, old, config_hash)
             self.clear()
             return State.ABSENT
         status = (self.metrics() or {}).get("status")
-        if status in ("completed", "diverged") and old == config_hash:
+        if status in ("completed", "diverged") and same:
             return State(status)
         if self.checkpoint.exists():
             return State.INTERRUPTED
@@ -191,13 +249,35 @@ class RunDir:
             png.unlink()
         shutil.rmtree(self.path / "wandb", ignore_errors=True)
 
-    def start(self, identity: dict) -> dict:
-        """Record the run as running, with the fields every later record keeps."""
-        self.identity = dict(identity)
+    def start(self, identity: dict, resume: bool = False) -> dict:
+        """Record the run as running, with the fields every later record keeps. A resumed run adds the
+        wall time of the attempts before (a killed one's up to its last written file) to its own."""
+        before = (self.metrics() or {}) if resume else {}
+        self._earlier_s = float(before.get("wall_time_s") or 0.0)
+        if before.get("status") == "running":  # killed: from its start (when it wrote this record) to its last
+            started = (self / "metrics.json").stat().st_mtime  # epoch's files
+            last = max((p.stat().st_mtime for p in (self / "history.csv", self.checkpoint) if p.exists()),
+                       default=started)
+            self._earlier_s = float(before.get("earlier_wall_time_s") or 0.0) + max(0.0, last - started)
+        self._started = time.perf_counter()
+        self.identity = dict(identity) | {"attempts": int(before.get("attempts") or 1) + 1 if resume else 1}
+        if resume:
+            self.identity["earlier_wall_time_s"] = self._earlier_s
         return self.record("running")
+
+    def wall_time(self) -> float:
+        """Seconds this run has taken so far, over every attempt since it started from scratch."""
+        return self._earlier_s + time.perf_counter() - self._started
 
     def record(self, status: str, **fields) -> dict:
         """Write metrics.json atomically: the identity, the status and `fields`; return what was written."""
         metrics = {**self.identity, **fields, "status": status}
         atomic_write_json(self.path / "metrics.json", metrics)
         return metrics
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"trainer.epochs": 2, ...} from a nested config container."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}

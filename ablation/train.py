@@ -37,9 +37,11 @@ from . import config as C
 from . import provenance
 from . import regularizers as R
 from . import wandb_logger
+from .callbacks import note_locked
 from .data import DIGEST_FIELD, DataError, load_images, subset
-from .rundir import RunDir, RunLockedError, State
-from .runio import atomic_torch_save, atomic_write_text, device_slot
+from .rundir import RunDir, RunLockedError, State, detach_logs
+from .runio import (atomic_torch_save, atomic_write_text, check_free_space, describe_os_error, device_slot,
+                    remove_stale_temps)
 from .runtime import Runtime, activate, prepare
 from .sample_quality import check_inception_weights
 from .trainer import DeadlineReached, Diverged, build_trainer, seed_everything
@@ -74,8 +76,20 @@ def train(cfg: DictConfig) -> dict:
     runtime, budget = prepare(cfg, int(job.job.get("num", 0) or 0) if job else 0, job.get("launcher") if job else None)
     run = RunDir(job.runtime.output_dir if job else Path(cfg.results_dir) / cfg.study / cfg.run_name)
     chash = C.config_hash(cfg)
-    with run.lock():
-        state = run.state(chash, cfg.overwrite)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(run.lock())
+        except RunLockedError as exc:
+            detach_logs(run.path)  # this process's log lines stay out of the holder's train.log
+            if job is None or job.mode.name != "MULTIRUN":
+                raise
+            log.warning("%s: skipped: %s", cfg.run_name, exc)  # a sweep goes on with its free runs
+            note_locked(run.path)
+            return {"status": "locked", "run_name": cfg.run_name, "study": cfg.study, "error": str(exc)}
+        for folder in (run.path, Path(cfg.data.cache_dir).expanduser()):
+            for tmp in remove_stale_temps(folder) if folder.is_dir() else []:
+                log.info("removed %s, left by a write that was killed", tmp)
+        state = run.state(chash, cfg.overwrite, cfg)
         if state.final:
             log.info("%s: skipped (%s, config hash %s)%s", cfg.run_name, state.value, chash,
                      "; delete its directory to train it again" if state is State.DIVERGED else "")
@@ -111,7 +125,8 @@ def _expected_seconds(run: RunDir, settings_hash: str, epochs: int) -> float | N
     times = []
     for path in run.path.parent.glob("*/metrics.json"):
         other = RunDir(path.parent).metrics() or {}
-        if other.get("status") == "completed" and other.get("settings_hash") == settings_hash:
+        if other.get("status") == "completed" and \
+                C.current_settings_hash(path.parent / "config.yaml", other.get("settings_hash")) == settings_hash:
             times.append(float(other.get("wall_time_s") or 0) / max(1, int(other.get("epochs_completed") or 1)))
     if not times:
         return None
@@ -143,14 +158,19 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         raise DataError(f"{run.path} started training on data {started_on[:12]}, but data.root '{cfg.data.root}' "
                         f"now holds data {data.identity.digest[:12]}; point data.root back at the data it started on, "
                         f"or pass overwrite=true to train it again from the start")
+    # A resumed run keeps the W&B run id it started with, even where today's config_hash of its config differs
+    # from the hash it was started under (the id names that hash).
+    before = (run.metrics() or {}) if resume else {}
+    wandb_id = before.get("wandb_id") or \
+        f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{(before.get('config_hash') or chash)[:8]}"
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
     origin = provenance.collect(runtime.device)
     run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,
                "settings_hash": C.settings_hash(cfg), "budget": budget, "device": str(runtime.device),
                "threads": runtime.threads, "precision": runtime.precision, **data.identity.fields(),
-               **{f"reg_{k}": v for k, v in flags.items()}, "provenance": origin})
-    wall_start = time.perf_counter()
+               **{f"reg_{k}": v for k, v in flags.items()}, "provenance": origin, "wandb_id": wandb_id},
+              resume=resume)
     # The resolved config with the regularizers' effective values, plus their switches as top-level
     # booleans to group and filter by in W&B.
     wb_config = (OmegaConf.to_container(cfg, resolve=True) | R.effective_dict(cfg)
@@ -161,21 +181,22 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         logger = wandb_logger.start(cfg.logger, run_dir=run.path, name=cfg.run_name, group=cfg.study,
                                     job_type="train", config=wb_config,
                                     tags=([r for r, on in flags.items() if on] or ["none"]) + list(cfg.logger.tags),
-                                    run_id=f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{chash[:8]}")
+                                    run_id=wandb_id)
         trainer = build_trainer(cfg, data, runtime, run.path, logger, config_hash=chash)
+        check_free_space(run.path, _bytes_needed(trainer.model))
         if resume:
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
             trainer.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
             log.info("%s: resumed from checkpoint after epoch %d", cfg.run_name, trainer.epoch)
             logger.resend_history(trainer.epoch_rows + trainer.step_rows)
         trainer.fit()
-        metrics = _finish(cfg, run, trainer, logger, wall_start)
+        metrics = _finish(cfg, run, trainer, logger)
         exit_code = 0
         return metrics
     except DeadlineReached as exc:
         log.warning("%s: %s; rerun the same command to resume", cfg.run_name, exc)
         metrics = run.record("interrupted", epochs_completed=exc.epoch, steps=trainer.step, error=str(exc),
-                             wall_time_s=time.perf_counter() - wall_start)
+                             wall_time_s=run.wall_time())
         logger.summary(metrics)
         return metrics  # the sweep goes on: its next runs see the deadline before they start
     except Diverged as exc:
@@ -184,7 +205,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
             trainer.step_rows.append({"kind": "diverged", "epoch": exc.epoch, "step": exc.step})
             trainer.write_history()
         metrics = run.record("diverged", diverged_epoch=exc.epoch, diverged_step=exc.step, error=str(exc),
-                             wall_time_s=time.perf_counter() - wall_start)
+                             wall_time_s=run.wall_time())
         run.checkpoint.unlink(missing_ok=True)
         logger.summary(metrics)
         return metrics  # a diverged run is a result: the sweep goes on
@@ -193,14 +214,13 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         message = (f"{cfg.run_name}: interrupted after epoch {epoch}; rerun the same command to resume"
                    if epoch else f"{cfg.run_name}: interrupted before its first checkpoint; rerun the same "
                                  f"command to start it again")
-        metrics = run.record("interrupted", epochs_completed=epoch, error=message,
-                             wall_time_s=time.perf_counter() - wall_start)
+        metrics = run.record("interrupted", epochs_completed=epoch, error=message, wall_time_s=run.wall_time())
         logger.summary(metrics)
         raise Interrupted(message, _exit_code(exc)) from None
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        run.record("failed", error=error, traceback=traceback.format_exc(limit=5),
-                   wall_time_s=time.perf_counter() - wall_start)
+        with contextlib.suppress(OSError):  # on a full disk the record fails too: the error is reported anyway
+            run.record("failed", error=error, traceback=traceback.format_exc(limit=5), wall_time_s=run.wall_time())
         logger.summary({"status": "failed", "error": error})
         raise
     finally:
@@ -214,7 +234,13 @@ def _checkpoint_epoch(run: RunDir) -> int:
     return int(torch.load(run.checkpoint, map_location="cpu", weights_only=False)["epoch"])
 
 
-def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) -> dict:
+def _bytes_needed(model: torch.nn.Module) -> int:
+    """A run's disk use at its peak: model.pt, and the checkpoint (model and two Adam moments) twice while
+    its next one replaces it, plus 64 MiB for history, image grids and W&B files."""
+    return 7 * sum(p.numel() * p.element_size() for p in model.parameters()) + 64 * 2**20
+
+
+def _finish(cfg: DictConfig, run: RunDir, trainer, logger) -> dict:
     """Final metrics, samples and model of a trained run; records it completed."""
     final = trainer.final()
     trainer.save_samples(run / "samples.png")
@@ -225,7 +251,7 @@ def _finish(cfg: DictConfig, run: RunDir, trainer, logger, wall_start: float) ->
         "completed", **final, epochs_completed=trainer.epoch, steps=trainer.step,
         max_gen_gap=max(r["gen_gap"] for r in epochs), best_epoch=min(epochs, key=lambda r: r["test_recon"])["epoch"],
         images_per_s=len(trainer.data.train_x) * trainer.epoch / max(trainer.train_time, 1e-9),
-        train_time_s=trainer.train_time, wall_time_s=time.perf_counter() - wall_start)
+        train_time_s=trainer.train_time, wall_time_s=run.wall_time())
     run.checkpoint.unlink(missing_ok=True)
     logger.log_images({"recon_final": run / "recon_final.png", "samples": run / "samples.png"}, step=trainer.step)
     logger.summary(metrics)
@@ -265,6 +291,9 @@ def _hydra_main(cfg: DictConfig) -> dict:
         return train(cfg)
     except (C.ConfigError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only folder, no permission: one line naming the path and fix
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as exc:
         print(exc, file=sys.stderr)

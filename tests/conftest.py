@@ -69,3 +69,14 @@ def train(*args: str, env: dict, check: bool = True, **kw) -> subprocess.Complet
     overrides = [a for a in args if not a.startswith("-")]
     return run_module("ablation.train", *flags, "budget=smoke", "logger=none", *overrides, env=env,
                       check=check, **kw)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many cases of the fault suite (tests marked `faults`) ran, and how many held (passed)."""
+    outcomes: dict[str, bool] = {}
+    for key in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(key, []):
+            if "faults" in getattr(report, "keywords", {}):
+                outcomes[report.nodeid] = outcomes.get(report.nodeid, True) and report.passed
+    if outcomes:
+        terminalreporter.write_line(f"fault suite: {len(outcomes)} cases tried, {sum(outcomes.values())} held")

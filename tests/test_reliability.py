@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
+from ablation import collect as C
+from ablation.config import ConfigError, config_hash
 from ablation.rundir import RunDir, RunLockedError, State, run_lock
-from ablation.runio import atomic_write, atomic_write_text
+from ablation.runio import atomic_write, atomic_write_text, check_free_space, remove_stale_temps
 from conftest import ROOT, train
 from wandb_records import read_run
 
-TIMING_KEYS = {"images_per_s", "train_time_s", "wall_time_s", "study"}
+TIMING_KEYS = {"images_per_s", "train_time_s", "wall_time_s", "study", "attempts", "earlier_wall_time_s"}
 SLOW = ("trainer.epochs=4", "data.train_size=512", "model.width=16",  # ~1 s per epoch
         "trainer.checkpoint_every_s=0")  # a checkpoint after every epoch, for the kill to land after one
 
@@ -56,6 +58,8 @@ def test_sigkill_mid_epoch_then_rerun_resumes_exactly(env):
     assert straight.returncode == 0, straight.stderr[-3000:]
     a, b = metrics(run_dir), metrics(results / "straight" / "wd-do-bn-beta-aug_seed0")
     assert a["status"] == "completed"
+    assert (a["attempts"], b["attempts"]) == (2, 1), "metrics.json counts the attempts"
+    assert a["wall_time_s"] > a["earlier_wall_time_s"] > 0, "the wall time counts the killed attempt too"
     for key in set(a) - TIMING_KEYS:
         assert a[key] == b[key], key
     ha, hb = (pd.read_csv(d / "history.csv") for d in (run_dir, results / "straight" / run_dir.name))
@@ -144,7 +148,7 @@ import sys, time
 from ablation.rundir import run_lock
 with run_lock(sys.argv[1]):
     print("held", flush=True)
-    time.sleep(60)
+    time.sleep(600)  # until the test kills it
 """
 
 
@@ -380,8 +384,6 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_a_checkpoint_alone_names_its_config(tmp_path):
     """Without a readable metrics.json, the checkpoint's config hash decides: resume or refuse."""
-    from ablation.config import ConfigError
-
     torch.save({"config_hash": "aaaa", "epoch": 1}, tmp_path / "checkpoint.pt")
     assert RunDir(tmp_path).state("aaaa") is State.INTERRUPTED
     with pytest.raises(ConfigError, match="different config"):
@@ -418,3 +420,157 @@ def test_parallel_runs_take_different_gpus_while_one_is_free(tmp_path):
         holder.wait()
     with device_slot(3, 2, tmp_path) as k:
         assert k == 2, "a killed holder's slot is free"
+
+
+# ------------------------------------------------------------------ I/O errors, housekeeping, hashes
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The run failed with exit status 2 and one `error:` line holding every needle, and no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "enforce fail" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_an_unwritable_results_folder_is_one_line(env, tmp_path):
+    """A folder that cannot be made (here /sys, read-only even for root) or a path through a file."""
+    proc = train("results_dir=/sys/ablation-results", env=env, check=False)
+    one_line_error(proc, "/sys/ablation-results", "could not write", "make it writable", "results_dir=")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = train("-m", "seed=0,1", f"results_dir={blocker}/results", env=env, check=False)
+    one_line_error(proc, str(blocker), "Not a directory", "results_dir=")
+
+
+def test_a_full_disk_is_refused_before_training_with_one_line(tmp_path):
+    with pytest.raises(OSError) as info:
+        check_free_space(tmp_path, 2**62)
+    message = str(info.value)
+    assert str(tmp_path) in message and "No space left" in message and "free space there" in message
+    check_free_space(tmp_path, 1)  # enough room: nothing raised
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, image_folder) -> Path:
+    """A completed smoke run none_seed0 (2 epochs), trained once for the tests below to copy."""
+    tmp = tmp_path_factory.mktemp("finished")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {
+        "ABLATION_DATA": str(image_folder), "ABLATION_RESULTS": str(tmp / "results"),
+        "ABLATION_CACHE": str(tmp / "cache"), "WANDB_MODE": "disabled"}
+    train("regularizer=none", env=env)
+    return tmp / "results" / "main" / "none_seed0"
+
+
+def copy_run(finished: Path, env: dict) -> Path:
+    import shutil
+
+    run_dir = Path(env["ABLATION_RESULTS"]) / "main" / "none_seed0"
+    shutil.copytree(finished, run_dir)
+    return run_dir
+
+
+def test_a_wrong_typed_metric_excludes_the_run_with_its_reason(finished_run, env):
+    run_dir = copy_run(finished_run, env)
+    record = metrics(run_dir) | {"test_recon": "abc"}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    runs, _ = C.collect_study(run_dir.parent)
+    row = runs.iloc[0]
+    assert not row["included"] and "test_recon='abc', not a number" in row["excluded_reason"]
+    assert pd.isna(row["test_recon"]), "the bad value stays out of the numeric column"
+
+
+def test_a_different_config_is_refused_naming_the_fields_that_differ(finished_run, env):
+    copy_run(finished_run, env)
+    proc = train("regularizer=none", "trainer.epochs=1", "optim.lr=0.002", env=env, check=False)
+    line = one_line_error(proc, "holds a run with a different config")
+    assert "optim.lr (0.001 there, 0.002 here)" in line and "trainer.epochs (2 there, 1 here)" in line, line
+
+
+def test_budget_epochs_and_trainer_epochs_hash_alike(compose_cfg):
+    a, b = compose_cfg("budget=smoke", "budget.epochs=5"), compose_cfg("budget=smoke", "trainer.epochs=5")
+    assert a.budget.epochs != b.budget.epochs and a.trainer.epochs == b.trainer.epochs == 5
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(compose_cfg("budget=smoke", "trainer.epochs=6"))
+
+
+PILOT_RUN = ROOT / "results" / "cifar10-pilot" / "none_seed0_n10000"
+
+
+@pytest.mark.skipif(not (PILOT_RUN / "metrics.json").is_file(), reason="needs the committed pilot study")
+def test_a_committed_run_hashed_by_the_earlier_function_is_still_skipped(compose_cfg):
+    """results/cifar10-pilot was hashed with the budget preset in the hash; the same command must still find
+    its runs finished (the Makefile's study-pilot overrides for 10,000 images)."""
+    cfg = compose_cfg("regularizer=none", "seed=0", "budget=cpu", "trainer.precision=fp32", "data.test_size=2000",
+                      "data.val_size=500", "study=cifar10-pilot", "data.train_size=10000", "trainer.epochs=80",
+                      "data.root=../shared/datasets/cifar10-jpg.tar.gz")
+    assert metrics(PILOT_RUN)["config_hash"] != config_hash(cfg), "the pilot's recorded hash is the earlier one"
+    assert RunDir(PILOT_RUN).state(config_hash(cfg), cfg=cfg) is State.COMPLETED
+    other = compose_cfg("regularizer=none", "seed=0", "budget=cpu", "trainer.precision=fp32", "data.test_size=2000",
+                        "data.val_size=500", "data.train_size=10000", "trainer.epochs=81",
+                        "data.root=../shared/datasets/cifar10-jpg.tar.gz")
+    with pytest.raises(ConfigError, match=r"trainer.epochs \(80 there, 81 here\)"):
+        RunDir(PILOT_RUN).state(config_hash(other), cfg=other)
+
+
+def test_a_run_recorded_with_an_earlier_hash_is_skipped_by_a_rerun(finished_run, env):
+    run_dir = copy_run(finished_run, env)
+    old = metrics(run_dir) | {"config_hash": "0123456789abcdef", "settings_hash": "fedcba9876543210"}
+    (run_dir / "metrics.json").write_text(json.dumps(old))
+    proc = train("regularizer=none", env=env)
+    assert "none_seed0: skipped (completed" in proc.stdout + proc.stderr
+    assert metrics(run_dir) == old
+    runs, _ = C.collect_study(run_dir.parent)  # the report pools it by today's hash of its config.yaml
+    today, _ = C.collect_study(finished_run.parent)
+    assert runs.iloc[0]["included"] and runs.iloc[0]["settings_hash"] == today.iloc[0]["settings_hash"]
+
+
+HOLD_TEMP = """
+import fcntl, sys, time
+f = open(sys.argv[1], "wb")
+fcntl.flock(f, fcntl.LOCK_EX)  # as a live atomic write holds its temp file
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_orphan_temp_files_are_removed_on_the_next_start_but_not_a_live_writers(finished_run, env):
+    run_dir = copy_run(finished_run, env)
+    cache = Path(env["ABLATION_CACHE"])
+    cache.mkdir(parents=True)
+    orphans = [run_dir / ".checkpoint.pt.x1y2.tmp", cache / ".fake-0123.pt.a1b2.tmp"]
+    for orphan in orphans:
+        orphan.write_bytes(b"half a file")
+    live = cache / ".fake-0123.pt.c3d4.tmp"
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_TEMP, str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        train("regularizer=none", env=env)
+        assert not any(o.exists() for o in orphans), "the killed writes' temp files are gone"
+        assert live.exists(), "a temp file that a live process writes is kept"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert remove_stale_temps(cache) == [live], "once its writer is gone, it is stale too"
+
+
+def test_a_sweep_skips_runs_another_process_holds_and_lists_them(env):
+    results = Path(env["ABLATION_RESULTS"])
+    held = results / "main" / "none_seed0"
+    held.mkdir(parents=True)
+    (held / "train.log").write_text("the holder's log\n")
+    holder = lock_holder(held)
+    try:
+        proc = train("-m", "seed=0,1", env=env)
+        single = train("regularizer=none", env=env, check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert metrics(results / "main" / "none_seed1")["status"] == "completed", "the sweep went on"
+    assert not (held / "metrics.json").exists()
+    assert "skipped 1 run(s) that another live process holds: none_seed0" in proc.stderr
+    one_line_error(single, f"is locked by process {holder.pid}")
+    assert (held / "train.log").read_text() == "the holder's log\n", "no line of the other processes in its log"
