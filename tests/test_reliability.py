@@ -21,7 +21,8 @@ from ablation.runio import atomic_write, atomic_write_text, check_free_space, re
 from conftest import ROOT, train
 from wandb_records import read_run
 
-TIMING_KEYS = {"images_per_s", "train_time_s", "wall_time_s", "study", "attempts", "earlier_wall_time_s"}
+# metrics.json fields that differ between two runs of one config: timings, attempts, the study and its W&B id
+PER_RUN_KEYS = {"images_per_s", "train_time_s", "wall_time_s", "study", "wandb_id", "attempts", "earlier_wall_time_s"}
 SLOW = ("trainer.epochs=4", "data.train_size=512", "model.width=16",  # ~1 s per epoch
         "trainer.checkpoint_every_s=0")  # a checkpoint after every epoch, for the kill to land after one
 
@@ -60,7 +61,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_exactly(env):
     assert a["status"] == "completed"
     assert (a["attempts"], b["attempts"]) == (2, 1), "metrics.json counts the attempts"
     assert a["wall_time_s"] > a["earlier_wall_time_s"] > 0, "the wall time counts the killed attempt too"
-    for key in set(a) - TIMING_KEYS:
+    for key in set(a) - PER_RUN_KEYS:
         assert a[key] == b[key], key
     ha, hb = (pd.read_csv(d / "history.csv") for d in (run_dir, results / "straight" / run_dir.name))
     cols = [c for c in ha.columns if c not in ("images_per_s", "epoch_time_s")]

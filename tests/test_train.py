@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +67,7 @@ def test_same_seed_gives_same_metrics(two_run_study):
     again = study.parent / "again"
     for run in ("none_seed0", "wd-do-bn-beta-aug_seed0"):
         a, b = metrics(study / run), metrics(again / run)
-        for key in set(a) - TIMING_KEYS - {"study"}:
+        for key in set(a) - TIMING_KEYS - {"study", "wandb_id"}:  # the study names the W&B run
             assert a[key] == b[key], (run, key)
 
 
@@ -74,7 +75,10 @@ def test_rerun_skips_completed_runs(two_run_study):
     study, env, _ = two_run_study
     before = {p: p.stat().st_mtime_ns for p in study.glob("*/model.pt")}
     proc = train("-m", "regularizer=none,all", "trainer.image_interval=1", env=env)
-    assert (proc.stdout + proc.stderr).count("skipped (completed") == 2
+    out = proc.stdout + proc.stderr
+    assert out.count("skipped (completed, config hash") == 2, "one log line per skipped run"
+    rows = re.findall(r"^\s*\d+\s+(\S+)\s+skipped \(completed\)", out, flags=re.M)
+    assert rows == ["none_seed0", "wd-do-bn-beta-aug_seed0"], "and the sweep's table says so"
     assert {p: p.stat().st_mtime_ns for p in study.glob("*/model.pt")} == before
 
 
