@@ -14,8 +14,8 @@ from PIL import Image
 
 from ablation import verdicts as V
 from ablation.collect import read_runs_csv
-from ablation.report import (render_claims_markdown, render_conditional_markdown, render_effects_markdown,
-                             render_rules_markdown, render_secondary_markdown)
+from ablation.report import (claims_display, render_claims_markdown, render_conditional_markdown,
+                             render_effects_markdown, render_rules_markdown, render_secondary_markdown)
 from ablation.stats import (NotEstimable, conditional_effects, has_comparison, interaction_effects, main_effects,
                             setting_groups)
 
@@ -76,7 +76,7 @@ def test_readme_results_match_the_committed_reports():
     """The README's per-claim verdicts are the committed reports' verdicts, and its main-effects table is the
     factorial report's, both regenerated from runs.csv."""
     readme = (RESULTS.parent / "README.md").read_text()
-    results_section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
+    results_section = readme.split("### A second regime", 1)[1].split("\n## ", 1)[0]
     verdicts = {}
     for study in README_STUDIES:
         (_, group), = setting_groups(read_runs_csv(RESULTS / "cifar10-cpu" / study / "runs.csv"))
@@ -93,6 +93,32 @@ def test_readme_results_match_the_committed_reports():
     factorial = RESULTS / "cifar10-cpu" / "factorial" / "runs.csv"
     (_, group), = setting_groups(read_runs_csv(factorial))
     assert render_effects_markdown(main_effects(group, V.EFFECT_METRICS)) in results_section
+
+
+HEADLINE = RESULTS / "cifar10-5k" / "a-none-vs-all"  # part A: the README's headline verdicts
+
+
+def test_readme_headline_verdicts_are_part_a_reports():
+    """Each claim's row of the README's headline table (verdict, Δ with its CI, SESOI, n) is part A's report,
+    regenerated from its runs.csv, and names a committed figure; the prose names the same verdicts."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    headline = readme.split("### The headline", 1)[1].split("\n### ", 1)[0]
+    (_, group), = setting_groups(read_runs_csv(HEADLINE / "runs.csv"))
+    table = V.claims_table(group)
+    shown = claims_display(table)
+    rows = [line for line in headline.splitlines() if line.startswith("| ")]
+    for (_, claim), (_, cells) in zip(table.iterrows(), shown.iterrows()):
+        prefix = (f"| {claim['title']} | `{claim['primary']}` | {claim['verdict']} | {cells['Δ (all − none) [CI]']} | "
+                  f"{cells['SESOI']} | {int(claim['none_n'])}, {int(claim['all_n'])} | ")
+        row = next((r for r in rows if r.startswith(prefix)), None)
+        assert row is not None, f"README headline row for {claim['title']!r} is not part A's report: {prefix}"
+        link = re.search(r"\]\(([^)]+\.png)\)", row)
+        assert link and (RESULTS.parent / link.group(1)).is_file(), f"{claim['title']}: no committed figure"
+    for line in headline.splitlines():
+        for claim in V.CLAIMS:
+            if line.startswith(f"- **{claim.title}: "):
+                said = line.split(": ", 1)[1].split("**", 1)[0].rstrip(".")
+                assert said == table.set_index("claim").loc[claim.key, "verdict"], (claim.title, said)
 
 
 def test_readme_benchmark_tables_are_the_committed_bench():
