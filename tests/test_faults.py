@@ -28,7 +28,7 @@ pytestmark = pytest.mark.faults
 
 ARGS = ("regularizer=all", "trainer.epochs=3", "trainer.threads=1", "trainer.checkpoint_every_s=0")
 RUN = "wd-do-bn-beta-aug_seed0"
-VARYING = {"images_per_s", "train_time_s", "wall_time_s", "study", "attempts", "earlier_wall_time_s"}
+VARYING = {"images_per_s", "train_time_s", "wall_time_s", "study", "wandb_id", "attempts", "earlier_wall_time_s"}
 
 
 @pytest.fixture(scope="module")
