@@ -66,8 +66,9 @@ class EpochProgress:
         self.start = self.last = time.monotonic()
         self.bar = None
         if every_s > 0 and self.stream.isatty():
+            # redraws at most every 0.1 s (tqdm's default), or every every_s when that is shorter
             self.bar = tqdm(total=images, desc=self.desc, unit="img", file=self.stream, leave=False,
-                            dynamic_ncols=True, bar_format=BAR_FORMAT)
+                            dynamic_ncols=True, bar_format=BAR_FORMAT, mininterval=min(0.1, every_s))
 
     def update(self, n: int) -> None:
         self.done += n
