@@ -37,7 +37,7 @@ from PIL import Image  # noqa: E402
 from . import regularizers as R  # noqa: E402
 from .runio import atomic_write, read_json  # noqa: E402
 from .stats import (cell_mask, effects_meaning, has_comparison, metric_label, none_and_all, normalize,  # noqa: E402
-                    values)
+                    paired_by_seed, values)
 from .verdicts import CLAIM_BY_KEY, CLAIMS, claims_table  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -302,16 +302,6 @@ def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path)
     return save(fig, path)
 
 
-def _paired_by_seed(none: pd.DataFrame, all_: pd.DataFrame, metric: str) -> pd.Series:
-    """all − none of `metric` for each seed both arms hold once (empty when the arms are not paired)."""
-    a = values(none, metric).set_axis(none["seed"]).dropna()
-    b = values(all_, metric).set_axis(all_["seed"]).dropna()
-    if not (a.index.is_unique and b.index.is_unique):
-        return pd.Series(dtype=float)
-    seeds = sorted(set(a.index) & set(b.index))
-    return b[seeds] - a[seeds]
-
-
 def claim_panels(claims: pd.DataFrame) -> pd.DataFrame:
     """The rows of verdicts.claims_table that the claims figure draws: primary metric measured in both arms."""
     return claims[claims["none_n"].fillna(0).astype(int).gt(0) & claims["all_n"].fillna(0).astype(int).gt(0)]
@@ -332,7 +322,7 @@ def claims_figure(runs: pd.DataFrame, claims: pd.DataFrame, path: Path) -> Path 
         if np.isfinite(row["sesoi"]):
             ax.axvspan(-row["sesoi"], row["sesoi"], color="0.88", lw=0, label="±SESOI")
         ax.axvline(0, color="grey", lw=0.8)
-        per_seed = _paired_by_seed(none, all_, claim.primary)
+        per_seed = paired_by_seed(none, all_, claim.primary)
         ax.plot(per_seed.to_numpy(float), np.zeros(len(per_seed)), "o", ms=4, color=PALETTE["none"], alpha=0.7)
         if np.isfinite(row["ci_low"]):
             ax.errorbar([row["estimate"]], [0.35], xerr=[[row["estimate"] - row["ci_low"]],

@@ -235,11 +235,16 @@ class SweepProgress(Callback):
         self.summary()
 
     def summary(self) -> None:
-        """Print the table once, then remove this multirun's bookkeeping folder."""
+        """Print the table once, and the runs another live process held; then remove this multirun's
+        bookkeeping folder."""
         if self.printed or self.folder is None:
             return
         self.printed = True
-        info = read_json(Path(self.folder) / "sweep.json")
+        info, jobs = read_json(Path(self.folder) / "sweep.json"), self._jobs()
         if info is not None:
-            print(summary_table(info, self._jobs()), file=sys.stdout, flush=True)
+            print(summary_table(info, jobs), file=sys.stdout, flush=True)
+        locked = [j["run"] for j in jobs if j.get("status") == "locked"]
+        if locked:
+            print(f"skipped {len(locked)} run(s) that another live process holds: {', '.join(locked)}; rerun the "
+                  f"command once it has finished to train what it leaves", file=sys.stderr, flush=True)
         shutil.rmtree(self.folder, ignore_errors=True)

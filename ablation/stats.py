@@ -198,6 +198,15 @@ def _by_seed(frame: pd.DataFrame, metric: str) -> pd.Series:
     return pd.Series(x.to_numpy(), index=pd.to_numeric(frame["seed"], errors="coerce").to_numpy()).dropna()
 
 
+def paired_by_seed(none: pd.DataFrame, all_: pd.DataFrame, metric: str) -> pd.Series:
+    """all − none of `metric` for each seed both cells hold once, indexed by seed (empty when a cell repeats one)."""
+    a, b = _by_seed(none, metric), _by_seed(all_, metric)
+    if not (a.index.is_unique and b.index.is_unique):
+        return pd.Series(dtype=float)
+    seeds = sorted(set(a.index) & set(b.index))
+    return b[seeds] - a[seeds]
+
+
 def difference(none: pd.DataFrame, all_: pd.DataFrame, metric: str) -> Difference:
     """all − none of `metric` over the runs of the two cells, paired by seed when the seeds match."""
     a, b = _by_seed(none, metric), _by_seed(all_, metric)

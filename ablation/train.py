@@ -37,7 +37,6 @@ from . import config as C
 from . import provenance
 from . import regularizers as R
 from . import wandb_logger
-from .callbacks import note_locked
 from .data import DIGEST_FIELD, DataError, load_images, subset
 from .rundir import RunDir, RunLockedError, State, detach_logs
 from .runio import (atomic_torch_save, atomic_write_text, check_free_space, describe_os_error, device_slot,
@@ -84,7 +83,6 @@ def train(cfg: DictConfig) -> dict:
             if job is None or job.mode.name != "MULTIRUN":
                 raise
             log.warning("%s: skipped: %s", cfg.run_name, exc)  # a sweep goes on with its free runs
-            note_locked(run.path)
             return {"status": "locked", "run_name": cfg.run_name, "study": cfg.study, "error": str(exc)}
         for folder in (run.path, Path(cfg.data.cache_dir).expanduser()):
             for tmp in remove_stale_temps(folder) if folder.is_dir() else []:
@@ -162,7 +160,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     # from the hash it was started under (the id names that hash).
     before = (run.metrics() or {}) if resume else {}
     wandb_id = before.get("wandb_id") or \
-        f"{cfg.study.replace('/', '-')}-{cfg.run_name}-{(before.get('config_hash') or chash)[:8]}"
+        wandb_logger.safe_name(cfg.study, cfg.run_name, (before.get("config_hash") or chash)[:8])
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
     origin = provenance.collect(runtime.device)
