@@ -8,7 +8,8 @@ each run's metrics.json, history.csv and config.yaml into two frames, written as
 A run that is not completed, or whose metrics.json, history.csv or config.yaml is missing,
 unreadable or holds a metric that is not a number, is kept with `included` False and the reason in
 `excluded_reason`, and a warning naming the file is logged. A run's settings_hash is today's hash of
-its config.yaml (ablation/config.py), so runs recorded under an earlier hash function pool as before. write_tables and read_runs_csv write and read the two CSV files.
+its config.yaml (ablation/config.py), so runs recorded under an earlier hash function pool as before.
+write_tables and read_runs_csv write and read the two CSV files.
 
 The regularizer columns are those registered in ablation.regularizers when a function runs.
 """

@@ -151,14 +151,14 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     if cfg.eval.inception_weights is not None:  # a bad path fails now, not after training
         check_inception_weights(cfg.eval.inception_weights)
     data = _load_data(cfg, runtime.device)  # before any run file is written
-    started_on = (run.metrics() or {}).get(DIGEST_FIELD) if resume else None
+    before = (run.metrics() or {}) if resume else {}  # the record of the attempt this one resumes
+    started_on = before.get(DIGEST_FIELD)
     if started_on and data.identity is not None and started_on != data.identity.digest:
         raise DataError(f"{run.path} started training on data {started_on[:12]}, but data.root '{cfg.data.root}' "
                         f"now holds data {data.identity.digest[:12]}; point data.root back at the data it started on, "
                         f"or pass overwrite=true to train it again from the start")
     # A resumed run keeps the W&B run id it started with, even where today's config_hash of its config differs
     # from the hash it was started under (the id names that hash).
-    before = (run.metrics() or {}) if resume else {}
     wandb_id = before.get("wandb_id") or \
         wandb_logger.safe_name(cfg.study, cfg.run_name, (before.get("config_hash") or chash)[:8])
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
