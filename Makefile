@@ -114,18 +114,18 @@ study-5k-a-bf16: install ## Part A's first 3 seeds in bf16, for the bf16-vs-fp32
 	$(PY) -m ablation.equivalence $(RESULTS)/cifar10-5k/a-none-vs-all $(RESULTS)/cifar10-5k/a-bf16
 
 study-5k-b: install ## Part B: the 2^(5-1) half factorial, 2 seeds (~4 h on 2 cores)
-	$(REGIME_5K) +sweep=half_factorial seed=$(SEEDS_B) study=cifar10-5k/b-half-factorial
+	$(REGIME_5K) +sweep=half_factorial seed=$(SEEDS_B) trainer.precision=fp32 study=cifar10-5k/b-half-factorial
 	$(REPORT_5K) $(RESULTS)/cifar10-5k/b-half-factorial
 
 study-5k-c: install ## Part C: lr 1e-3..3e-2 x none/all/only_batchnorm/only_dropout x 3 seeds, short runs
-	$(REGIME_5K) +sweep=lr_stability seed=$(SEEDS_C) trainer.epochs=$(C_EPOCHS) study=cifar10-5k/c-lr-stability
+	$(REGIME_5K) +sweep=lr_stability seed=$(SEEDS_C) trainer.epochs=$(C_EPOCHS) trainer.precision=fp32 study=cifar10-5k/c-lr-stability
 	$(REPORT_5K) $(RESULTS)/cifar10-5k/c-lr-stability
 
 study-5k-d: install ## Part D: dose-response of beta and dropout from none, 2 seeds
-	$(REGIME_5K) +sweep=dose_beta seed=$(SEEDS_D) study=cifar10-5k/d-dose
-	$(REGIME_5K) +sweep=dose_dropout seed=$(SEEDS_D) study=cifar10-5k/d-dose
+	$(REGIME_5K) +sweep=dose_beta seed=$(SEEDS_D) trainer.precision=fp32 study=cifar10-5k/d-dose
+	$(REGIME_5K) +sweep=dose_dropout seed=$(SEEDS_D) trainer.precision=fp32 study=cifar10-5k/d-dose
 	$(REPORT_5K) $(RESULTS)/cifar10-5k/d-dose
 
 study-5k-e: install ## Part E: the seed's width 128, none vs all, 3 seeds (hours on a CPU; a GPU suits it)
-	$(REGIME_5K) regularizer=none,all seed=$(SEEDS_E) budget.width=128 study=cifar10-5k/e-width128
+	$(REGIME_5K) regularizer=none,all seed=$(SEEDS_E) budget.width=128 trainer.precision=fp32 study=cifar10-5k/e-width128
 	$(REPORT_5K) $(RESULTS)/cifar10-5k/e-width128
