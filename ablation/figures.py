@@ -424,7 +424,7 @@ def images_figure(study_dir: Path, runs: pd.DataFrame, filename: str, title: str
     fig, axes = plt.subplots(1, len(panels), figsize=(min(7.0, width / 40) * len(panels), height / 40 + 0.8),
                              squeeze=False)
     for ax, (name, image) in zip(axes.flat, panels):
-        ax.imshow(image)
+        ax.imshow(image, interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)
