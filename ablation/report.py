@@ -475,7 +475,30 @@ def _lr_section(runs: pd.DataFrame) -> list[str]:
             f"setting group of its own above). Stable: no run diverged and every completed run's loss spike rate is "
             f"at most {num(limit)} (the stability claim's SESOI). The largest stable learning rate is the largest at "
             f"which a combination is stable, and stable at every smaller one.", "",
-            render_lr_markdown(table), ""]
+            render_lr_markdown(table), ""] + _stress_section(runs)
+
+
+def render_stress_markdown(table: pd.DataFrame) -> str:
+    """The stability claims under the sweep's stress (verdicts.stress_verdicts)."""
+    display = pd.DataFrame({
+        "Claim": table["claim"], "Combination vs none": table["combo"],
+        "Learning rates": table["lrs"].map(lambda lrs: ", ".join(f"{lr:g}" for lr in lrs)),
+        "none failed": [f"{k}/{n}" for k, n in zip(table["none_failed"], table["none_n"])],
+        "Combination failed": [f"{k}/{n}" for k, n in zip(table["failed"], table["n"])],
+        "Largest stable lr (none → combination)": [
+            f"{a:g} → {b:g}".replace("nan", "none")
+            for a, b in zip(table["none_largest_stable_lr"], table["largest_stable_lr"])],
+        "Fisher p": table["p_value"].map(num), "Holm p": table["p_holm"].map(num),
+        "Verdict": table["verdict"].map(lambda v: f"**{v}**"), "Why": table["reason"],
+    })
+    return md_table(display)
+
+
+def _stress_section(runs: pd.DataFrame) -> list[str]:
+    table = V.stress_verdicts(runs)
+    if table is None or table.empty:
+        return []
+    return ["### Verdicts under stress", "", V.STRESS_RULE, "", render_stress_markdown(table), ""]
 
 
 def build_markdown(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame) -> tuple[str, ReportResult]:

@@ -271,8 +271,12 @@ def diverged_counts(none: pd.DataFrame, all_: pd.DataFrame) -> tuple[tuple[int, 
         finished = cell[cell["included"] | (cell["status"] == "diverged")]
         counts.append((int((finished["status"] == "diverged").sum()), len(finished)))
     (d0, n0), (d1, n1) = counts
-    p = float(stats.fisher_exact([[d0, n0 - d0], [d1, n1 - d1]]).pvalue) if min(n0, n1) >= 2 else math.nan
-    return counts[0], counts[1], p
+    return counts[0], counts[1], fisher_p(d0, n0, d1, n1)
+
+
+def fisher_p(k0: int, n0: int, k1: int, n1: int) -> float:
+    """Fisher's exact test (two-sided) of k0 events in n0 runs against k1 in n1; NaN below 2 runs in an arm."""
+    return float(stats.fisher_exact([[k0, n0 - k0], [k1, n1 - k1]]).pvalue) if min(n0, n1) >= 2 else math.nan
 
 
 def _seed_std(values: pd.Series) -> float:

@@ -11,6 +11,9 @@ before any result is looked at:
     rules_table       CLAIMS as a frame; every report prints it at the top
     claims_table      one verdict per claim, regularizer=none vs regularizer=all of one setting group
     secondary_table   every secondary (and context) metric, with Benjamini–Hochberg q-values
+    stability_by_lr   divergence and spikes per combination and learning rate of an lr sweep
+    stress_verdicts   the stability claims under that stress: all, batchnorm alone and dropout
+                      alone against none, by failed runs over the sweep (STRESS_RULE)
 
 A verdict compares `all` with `none` on the claim's primary metric (ablation.stats.difference:
 paired by seed when the seeds match, Welch otherwise). Holm's correction runs over the claims
@@ -26,7 +29,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .stats import (ALPHA, benjamini_hochberg, difference, diverged_counts, holm, holm_levels, mean_ci, metric_label,
+from . import regularizers as R
+from .stats import (ALPHA, benjamini_hochberg, difference, diverged_counts, fisher_p, holm, holm_levels, mean_ci, metric_label,
                     none_and_all, values)
 
 SUPPORTED, CONTRADICTED, EQUIVALENT = "supported", "contradicted", "equivalent"
@@ -354,3 +358,63 @@ def stability_by_lr(runs: pd.DataFrame) -> pd.DataFrame | None:
         stable_lrs = cells.sort_values("lr")["lr"][stable_from_below]
         largest[combo] = stable_lrs.max() if len(stable_lrs) else math.nan
     return table.assign(largest_stable_lr=table["combo"].map(largest))
+
+
+# The comparisons of the stability claims under stress: (the claim's words, the combination's flags).
+STRESS_COMPARISONS = (
+    ("more stable training", {group: True for group in R.names()}),
+    ("batch norm was crucial for stability", {"batchnorm": True}),
+    ("dropout was crucial for stability", {"dropout": True}),
+)
+STRESS_RULE = (
+    "A run fails when it diverged or its loss spike rate exceeds the stability claim's SESOI. Over every learning "
+    "rate of the sweep at which both combinations have finished runs, each combination's failed runs are set "
+    "against none's with Fisher's exact test (two-sided), Holm-adjusted over the comparisons present. "
+    "**untestable here** when no none run failed; **supported** when the combination fails less often with Holm "
+    "p < 0.05; **contradicted** when it fails more often with Holm p < 0.05; **inconclusive** otherwise.")
+
+
+def _failed(cell: pd.DataFrame, limit: float) -> int:
+    spikes = values(cell, "loss_spike_rate")
+    return int(((cell["status"] == "diverged") | ((cell["status"] == "completed") & (spikes > limit))).sum())
+
+
+def stress_verdicts(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The stability claims judged on a learning-rate sweep by STRESS_RULE, fixed before any sweep of the 5k
+    regime ran; None when stability_by_lr has no table or the sweep holds no none run.
+
+    One row per comparison of STRESS_COMPARISONS whose combination was swept: the learning rates
+    compared, the failed and finished runs of none and of the combination, each one's largest stable
+    learning rate, Fisher's p, its Holm adjustment, the verdict and its reason.
+    """
+    table = stability_by_lr(runs)
+    if table is None or "none" not in set(table["combo"]):
+        return None
+    limit = CLAIM_BY_KEY["stability"].sesoi.value
+    done = runs[runs["status"].isin(["completed", "diverged"]) & runs["lr"].notna()]
+    largest = table.groupby("combo")["largest_stable_lr"].first()
+    rows = []
+    for claim, flags in STRESS_COMPARISONS:
+        combo = R.combo_name(flags)
+        if combo not in largest.index:
+            continue
+        lrs = sorted(set(done.loc[done["combo"] == "none", "lr"]) & set(done.loc[done["combo"] == combo, "lr"]))
+        base, other = (done[(done["combo"] == c) & done["lr"].isin(lrs)] for c in ("none", combo))
+        k0, k1 = _failed(base, limit), _failed(other, limit)
+        rows.append({"claim": claim, "combo": combo, "lrs": lrs, "none_failed": k0, "none_n": len(base),
+                     "failed": k1, "n": len(other), "none_largest_stable_lr": largest["none"],
+                     "largest_stable_lr": largest[combo], "p_value": fisher_p(k0, len(base), k1, len(other))})
+    frame = pd.DataFrame(rows)
+    frame["p_holm"] = holm(frame["p_value"])
+    verdicts = []
+    for row in frame.itertuples():
+        lower = row.failed / row.n < row.none_failed / row.none_n
+        if row.none_failed == 0:
+            verdicts.append((UNTESTABLE, f"no none run failed at any of the {len(row.lrs)} learning rates"))
+        elif not row.p_holm < ALPHA:
+            verdicts.append((INCONCLUSIVE, f"Holm p = {row.p_holm:.3g} ≥ {ALPHA}" if row.p_holm == row.p_holm
+                             else "too few runs for a test"))
+        else:
+            verdicts.append((SUPPORTED if lower else CONTRADICTED,
+                             f"{'fewer' if lower else 'more'} failed runs than none, Holm p = {row.p_holm:.3g}"))
+    return frame.assign(verdict=[v for v, _ in verdicts], reason=[r for _, r in verdicts])

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW, ttost_ind, ttost_paired
 
@@ -308,3 +309,50 @@ def test_the_largest_stable_learning_rate_of_a_sweep():
     assert largest["none"] == 3e-3, "diverges at 1e-2"
     assert largest["all"] == 1e-3, "spikes at 3e-3: 1e-2 does not count, the sweep must be stable below it"
     assert V.stability_by_lr(pd.DataFrame(rows).assign(lr=1e-3)) is None, "no sweep, no table"
+
+
+def _sweep(cells: dict, seeds: int = 3) -> pd.DataFrame:
+    """Runs of an lr sweep: {(combo, lr): [(status, loss_spike_rate) per seed]}."""
+    rows = [{"combo": combo, "lr": lr, "seed": seed, "status": status, "included": status == "completed",
+             "loss_spike_rate": spikes}
+            for (combo, lr), runs in cells.items() for seed, (status, spikes) in enumerate(runs[:seeds])]
+    return pd.DataFrame(rows)
+
+
+def test_stress_verdicts_count_failed_runs_over_the_sweep():
+    """A failed run diverged or spiked above the SESOI; Fisher over the whole sweep, Holm over the comparisons."""
+    ok, spiky, dead = ("completed", 0.0), ("completed", 0.05), ("diverged", None)
+    all_combo, bn, do = "wd-do-bn-beta-aug", "bn", "do"
+    cells = {}
+    for lr in (1e-3, 3e-3, 1e-2, 3e-2):
+        cells[("none", lr)] = [ok] * 3 if lr < 1e-2 else [dead, spiky, dead]  # 6 of 12 fail
+        cells[(all_combo, lr)] = [ok] * 3  # 0 of 12
+        cells[(bn, lr)] = [ok] * 3 if lr < 3e-2 else [ok, ok, dead]  # 1 of 12
+        cells[(do, lr)] = [dead] * 3 if lr > 1e-3 else [ok] * 3  # 9 of 12
+    table = V.stress_verdicts(_sweep(cells)).set_index("combo")
+    assert list(table["claim"]) == [claim for claim, _ in V.STRESS_COMPARISONS]
+    assert (table.loc[all_combo, "none_failed"], table.loc[all_combo, "none_n"]) == (6, 12)
+    assert table.loc[all_combo, "failed"] == 0 and table.loc[do, "failed"] == 9
+    assert table.loc[all_combo, "p_value"] == pytest.approx(scipy_stats.fisher_exact([[6, 6], [0, 12]]).pvalue)
+    assert table.loc[all_combo, "p_holm"] == pytest.approx(min(1.0, 3 * table["p_value"].min()))
+    assert table.loc[all_combo, "verdict"] == V.SUPPORTED
+    assert table.loc[bn, "verdict"] == V.INCONCLUSIVE, "1/12 vs 6/12: Fisher p 0.069 before Holm"
+    assert table.loc[do, "verdict"] == V.INCONCLUSIVE, "9/12 vs 6/12 is no significant difference"
+    assert table.loc[all_combo, "none_largest_stable_lr"] == 3e-3 and table.loc[all_combo, "largest_stable_lr"] == 3e-2
+    assert table.loc[do, "largest_stable_lr"] == 1e-3
+
+    markdown = Rep.render_stress_markdown(V.stress_verdicts(_sweep(cells)))
+    assert "| more stable training | wd-do-bn-beta-aug | 0.001, 0.003, 0.01, 0.03 | 6/12 | 0/12 | 0.003 → 0.03 |" in markdown
+    assert "**supported**" in markdown
+
+    worse = dict(cells)
+    for lr in (1e-3, 3e-3, 1e-2, 3e-2):
+        worse[(do, lr)] = [dead] * 3
+    assert V.stress_verdicts(_sweep(worse)).set_index("combo").loc[do, "verdict"] == V.CONTRADICTED, "12/12 vs 6/12"
+
+
+def test_stress_verdicts_are_untestable_when_none_never_fails():
+    cells = {(combo, lr): [("completed", 0.0)] * 3 for combo in ("none", "bn") for lr in (1e-3, 1e-2)}
+    table = V.stress_verdicts(_sweep(cells))
+    assert list(table["verdict"]) == [V.UNTESTABLE], "only batchnorm was swept besides none"
+    assert V.stress_verdicts(_sweep({k: v for k, v in cells.items() if k[0] != "none"})) is None, "no baseline"
