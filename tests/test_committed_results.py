@@ -15,7 +15,8 @@ from PIL import Image
 from ablation import verdicts as V
 from ablation.collect import read_runs_csv
 from ablation.report import (claims_display, render_claims_markdown, render_conditional_markdown,
-                             render_effects_markdown, render_rules_markdown, render_secondary_markdown)
+                             render_effects_markdown, render_rules_markdown, render_secondary_markdown,
+                             render_stress_markdown)
 from ablation.stats import (NotEstimable, conditional_effects, has_comparison, interaction_effects, main_effects,
                             setting_groups)
 
@@ -52,6 +53,9 @@ def test_report_tables_regenerate_from_runs_csv(study):
         conditional = conditional_effects(group, interactions)
         if len(conditional):
             assert render_conditional_markdown(conditional) in report
+    stress = V.stress_verdicts(runs)
+    if stress is not None and len(stress):
+        assert render_stress_markdown(stress) in report, "the stability claims under an lr sweep's stress"
 
 
 @pytest.mark.parametrize("study", COMMITTED, ids=[str(p.relative_to(RESULTS)) for p in COMMITTED])
