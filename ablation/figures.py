@@ -1,4 +1,9 @@
-"""Figures of a study's report: PNG files written atomically under results/<study>/figures/.
+"""Figures of a study's report, written atomically under results/<study>/figures/.
+
+Plots are 256-colour PNGs: lines and flat fills need no more, and a plot shrinks to a third. The
+two image panels are the runs' own grids at their own resolution, side by side, as JPEG at
+quality 95 with full chroma: a grid of photos is three times larger as PNG, and these figures
+are committed and embedded in report.html for every setting group of a study.
 
     curves          eval-mode test and train-subset recon (log scale, and the last half zoomed) and KL per
                     epoch, regularizer=none vs all, mean over seeds with a ±1 sd band when an arm has several
@@ -10,8 +15,8 @@
     dose_<group>_<field>  a metric against a regularizer's strength, when a strength was swept
     main_effects    each regularizer's main effect on the key metrics, with 95% CIs (when estimable)
     heatmap         mean test recon of every regularizer combination present (three or more)
-    recon_grids     recon_final.png of seed 0 (or the lowest seed) of none and of all, side by side
-    samples         samples.png (prior samples) of the same runs, side by side
+    recon_grids     recon_final.png of seed 0 (or the lowest seed) of none and of all, side by side (.jpg)
+    samples         samples.png (prior samples) of the same runs, side by side (.jpg)
 
 Every caption states how many runs each line, band or point stands for. The train-mode running
 mean `train_recon` is never plotted: dropout and augmentation inflate it, so it is not comparable
@@ -46,12 +51,18 @@ PALETTE = {"none": "#4C72B0", "all": "#DD8452"}
 CELL_NAMES = {False: "none", True: "all"}
 
 
+PANEL_GAP = 8  # white pixels between the image panels
+JPEG_OPTIONS = {"format": "JPEG", "quality": 95, "subsampling": 0}
+
+
 def save(fig: plt.Figure, path: Path) -> Path:
-    """Write `fig` as PNG to `path` atomically and close it."""
+    """Write `fig` as a 256-colour PNG to `path` atomically and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    atomic_write(path, lambda f: palette.save(f, format="PNG", optimize=True))
     return path
 
 
@@ -404,9 +415,10 @@ def _first_seed_run(runs: pd.DataFrame, on: bool) -> pd.Series | None:
     return cell.sort_values("seed").iloc[0] if len(cell) else None
 
 
-def images_figure(study_dir: Path, runs: pd.DataFrame, filename: str, title: str, path: Path) -> Path | None:
-    """`filename` of the lowest-seed none and all runs side by side; panels whose PNG is missing are left out."""
-    panels = []
+def images_figure(study_dir: Path, runs: pd.DataFrame, filename: str, path: Path) -> tuple[Path | None, str]:
+    """`filename` of the lowest-seed none and all runs side by side at their own resolution, as JPEG; panels
+    whose PNG is missing are left out. (path, 'left to right: ...') or (None, '')."""
+    panels, names = [], []
     for on in (False, True):
         run = _first_seed_run(runs, on)
         if run is None:
@@ -414,40 +426,37 @@ def images_figure(study_dir: Path, runs: pd.DataFrame, filename: str, title: str
         png = study_dir / run["run_name"] / filename
         try:
             with Image.open(png) as image:
-                panels.append((f"regularizer={CELL_NAMES[on]} (seed {int(run['seed'])})",
-                               np.asarray(image.convert("RGB"))))
+                panels.append(image.convert("RGB"))
         except (OSError, ValueError) as exc:
             log.warning("%s: not shown in the report (%s)", png, exc)
+            continue
+        names.append(f"{CELL_NAMES[on]} (seed {int(run['seed'])})")
     if not panels:
-        return None
-    height, width = panels[0][1].shape[:2]
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(7.0, width / 40) * len(panels), height / 40 + 0.8),
-                             squeeze=False)
-    for ax, (name, image) in zip(axes.flat, panels):
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return save(fig, path)
+        return None, ""
+    width = sum(p.width for p in panels) + PANEL_GAP * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width + PANEL_GAP
+    atomic_write(path, lambda f: canvas.save(f, **JPEG_OPTIONS))
+    return path, ("left to right: " if len(names) > 1 else "") + ", ".join(names)
 
 
 def _run_dirs_present(study_dir: Path, runs: pd.DataFrame) -> bool:
     return any((study_dir / str(name)).is_dir() for name in runs["run_name"])
 
 
-def image_panels(study_dir: Path, runs: pd.DataFrame, filename: str, title: str, path: Path) -> tuple[Path | None, str]:
+def image_panels(study_dir: Path, runs: pd.DataFrame, filename: str, path: Path) -> tuple[Path | None, str]:
     """images_figure, or, when none of the runs' directories is present (a study re-rendered from its tables),
-    the figure an earlier report drew from them, kept as it is; (path, '') or (path, ' note') or (None, '')."""
-    made = images_figure(study_dir, runs, filename, title, path)
-    if made is None and path.is_file() and not _run_dirs_present(study_dir, runs):
-        return path, " (drawn by an earlier report of these runs; their run directories are not present now)"
-    return made, ""
-
-
-def _seed_of(runs: pd.DataFrame, on: bool) -> str:
-    run = _first_seed_run(runs, on)
-    return "n/a" if run is None else str(int(run["seed"]))
+    the figure an earlier report drew from them (as .jpg, or as the .png earlier reports drew), kept as it is;
+    (path, what it shows) or (None, '')."""
+    made, shows = images_figure(study_dir, runs, filename, path)
+    if made is None and not _run_dirs_present(study_dir, runs):
+        earlier = next((p for p in (path, path.with_suffix(".png")) if p.is_file()), None)
+        if earlier is not None:
+            return earlier, "drawn by an earlier report of these runs; their run directories are not present now"
+    return made, shows
 
 
 def group_figures(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame, effects: pd.DataFrame | None,
@@ -462,10 +471,8 @@ def group_figures(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame, ef
     arms = arm_sizes(included) if not included.empty else ""
     combos, n_runs = done["combo"].nunique(), len(done)
     recon = recon_metric(runs)
-    one_seed = f"seed {_seed_of(runs, False)} of none, seed {_seed_of(runs, True)} of all"
-    recon_grid, recon_note = image_panels(study_dir, runs, "recon_final.png", "final reconstructions",
-                                          out / f"{prefix}recon_grids.png")
-    samples, samples_note = image_panels(study_dir, runs, "samples.png", "prior samples", out / f"{prefix}samples.png")
+    recon_grid, recon_shows = image_panels(study_dir, runs, "recon_final.png", out / f"{prefix}recon_grids.jpg")
+    samples, samples_shows = image_panels(study_dir, runs, "samples.png", out / f"{prefix}samples.jpg")
     claims = claims_table(runs) if has_comparison(runs) else None
     made = [
         (f"Each claim's primary metric, all − none per seed, with the estimate, its CI and the ±SESOI band "
@@ -485,8 +492,8 @@ def group_figures(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame, ef
          effects_figure(effects, out / f"{prefix}main_effects.png", effects_meaning(runs))),
         (f"Mean test recon per regularizer combination ({n_runs} runs, {combos} combinations)",
          heatmap_figure(runs, out / f"{prefix}heatmap_test_recon.png")),
-        (f"Final reconstructions, one run per arm ({one_seed}; top row: test images, bottom row: "
-         f"reconstructions){recon_note}", recon_grid),
-        (f"Samples from the prior, one run per arm ({one_seed}){samples_note}", samples),
+        (f"Final reconstructions, one run per arm ({recon_shows}; in each, top row: test images, bottom row: "
+         "reconstructions)", recon_grid),
+        (f"Samples from the prior, one run per arm ({samples_shows})", samples),
     ]
     return [(caption, path) for caption, path in made if path is not None]

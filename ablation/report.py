@@ -16,7 +16,7 @@ and, unless --no-wandb, logs the tables and figures to a W&B run with job_type="
 
 This module renders and writes: the runs come from ablation.collect, the statistics from
 ablation.stats, the figures from ablation.figures. report.md holds markdown tables and figures
-linked relatively (figures/*.png); report.html is the same document with every image embedded
+linked relatively (figures/*.png, *.jpg); report.html is the same document with every image embedded
 as a base64 data URI. Runs are pooled only within a setting group (one settings_hash); runs
 excluded from the statistics are listed with the reason.
 
@@ -535,10 +535,13 @@ blockquote {{ border-left: 4px solid #d0d7de; margin-left: 0; padding-left: 1em;
 NOWRAP_CHARS = 48  # a table cell with a digit and at most this much text is a number: never broken inside
 
 
+MIME = {".png": "image/png", ".jpg": "image/jpeg"}
+
+
 def _embed(match: re.Match, base: Path) -> str:
     src = match.group(1)
     data = base64.b64encode((base / src).read_bytes()).decode("ascii")
-    return f'src="data:image/png;base64,{data}"'
+    return f'src="data:{MIME[Path(src).suffix]};base64,{data}"'
 
 
 def _numeric_cell(match: re.Match) -> str:
@@ -552,11 +555,11 @@ def _numeric_cell(match: re.Match) -> str:
 
 def markdown_to_html(text: str, base: Path, title: str) -> str:
     """Self-contained HTML of the markdown: tables rendered and scrollable sideways, numeric cells never broken
-    inside, PNG links under `base` embedded as data URIs."""
+    inside, image links under `base` embedded as data URIs."""
     body = md_lib.markdown(text, extensions=["tables", "toc"])
     body = body.replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
     body = re.sub(r"<td([^>]*)>(.*?)</td>", _numeric_cell, body, flags=re.S)
-    body = re.sub(r'src="([^":]+\.png)"', lambda m: _embed(m, base), body)
+    body = re.sub(r'src="([^":]+\.(?:png|jpg))"', lambda m: _embed(m, base), body)
     return HTML_TEMPLATE.format(title=html.escape(title), body=body)
 
 
@@ -565,7 +568,7 @@ def write_report(study_dir: Path, runs: pd.DataFrame, history: pd.DataFrame) -> 
     report that this one does not show are removed."""
     text, result = build_markdown(study_dir, runs, history)
     shown = {p.resolve() for p in result.figures}
-    for old in (study_dir / "figures").glob("*.png"):
+    for old in (*(study_dir / "figures").glob("*.png"), *(study_dir / "figures").glob("*.jpg")):
         if old.resolve() not in shown:
             old.unlink()
     atomic_write_text(result.markdown, text)

@@ -514,21 +514,22 @@ def test_study_discovery_from_a_parent(study):
 # ---------------------------------------------------------------------------------------- report rendering
 
 
-def png_links(markdown: str) -> list[str]:
-    return re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", markdown)
+def image_links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+\.(?:png|jpg))\)", markdown)
 
 
 def check_report(study: Path) -> str:
-    """Every PNG report.md links exists and opens; report.html embeds them; returns report.md."""
+    """Every image report.md links exists and opens; report.html embeds them; returns report.md."""
     text = (study / "report.md").read_text()
-    links = png_links(text)
+    links = image_links(text)
     assert links
     for link in links:
         assert not Path(link).is_absolute()
         with Image.open(study / link) as image:
             image.verify()
     html = (study / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(links)
+    pngs = sum(link.endswith(".png") for link in links)
+    assert html.count("data:image/png;base64,") == pngs and html.count("data:image/jpeg;base64,") == len(links) - pngs
     assert 'src="figures/' not in html and "<table>" in html
     return text
 
@@ -536,9 +537,16 @@ def check_report(study: Path) -> str:
 def test_report_files_figures_and_verbatim_table(factorial):
     assert R.main(["--no-wandb", str(factorial)]) == 0
     text = check_report(factorial)
-    names = {Path(link).name for link in png_links(text)}
+    names = {Path(link).name for link in image_links(text)}
     assert names == {"claims.png", "curves.png", "gen_gap.png", "rate_distortion.png", "kl_spectrum.png", "main_effects.png",
-                     "heatmap_test_recon.png", "recon_grids.png", "samples.png"}
+                     "heatmap_test_recon.png", "recon_grids.jpg", "samples.jpg"}
+    with Image.open(factorial / "figures" / "curves.png") as plot:
+        assert plot.mode == "P", "plots are palette PNGs"
+    with Image.open(factorial / "figures" / "samples.jpg") as samples, \
+            Image.open(factorial / "none_seed0" / "samples.png") as one:
+        assert samples.format == "JPEG" and samples.size == (2 * one.width + F.PANEL_GAP, one.height), \
+            "none and all side by side, each at its own resolution"
+    assert "left to right: none (seed 0), all (seed 0)" in text
     runs = C.read_runs_csv(factorial / "runs.csv")
     assert len(runs) == 64 and runs["included"].all()
     for _, group in S.setting_groups(runs):
@@ -732,13 +740,13 @@ def test_a_study_re_rendered_from_its_tables_keeps_its_image_figures(factorial, 
     for name in ("runs.csv", "history.csv"):
         (copy / name).write_bytes((factorial / name).read_bytes())
     (copy / "figures").mkdir()
-    for png in ("recon_grids.png", "samples.png", "stale.png"):
-        (copy / "figures" / png).write_bytes((factorial / "figures" / "recon_grids.png").read_bytes())
+    for image in ("recon_grids.jpg", "samples.png", "stale.png"):  # samples.png: as earlier reports drew it
+        (copy / "figures" / image).write_bytes((factorial / "figures" / "curves.png").read_bytes())
     runs = C.read_runs_csv(copy / "runs.csv")
     assert R.main(["--no-wandb", "--from-tables", str(tmp_path)]) == 0
     text = check_report(copy)
-    names = {Path(link).name for link in png_links(text)}
-    assert {"recon_grids.png", "samples.png", "curves.png"} <= names and "kl_spectrum.png" not in names
+    names = {Path(link).name for link in image_links(text)}
+    assert {"recon_grids.jpg", "samples.png", "curves.png"} <= names and "kl_spectrum.png" not in names
     assert "drawn by an earlier report of these runs" in text
     assert not (copy / "figures" / "stale.png").exists()
     rerun = C.read_runs_csv(copy / "runs.csv").set_index("run_name")

@@ -68,7 +68,7 @@ def test_every_committed_claim_has_one_of_the_verdicts(study):
 
 @pytest.mark.parametrize("study", COMMITTED, ids=[str(p.relative_to(RESULTS)) for p in COMMITTED])
 def test_report_figures_are_committed(study):
-    for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (study / "report.md").read_text()):
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+\.(?:png|jpg))\)", (study / "report.md").read_text()):
         with Image.open(study / link) as im:
             im.verify()
 
@@ -117,7 +117,7 @@ def test_readme_headline_verdicts_are_part_a_reports():
                   f"{cells['SESOI']} | {int(claim['none_n'])}, {int(claim['all_n'])} | ")
         row = next((r for r in rows if r.startswith(prefix)), None)
         assert row is not None, f"README headline row for {claim['title']!r} is not part A's report: {prefix}"
-        link = re.search(r"\]\(([^)]+\.png)\)", row)
+        link = re.search(r"\]\(([^)]+\.(?:png|jpg))\)", row)
         assert link and (RESULTS.parent / link.group(1)).is_file(), f"{claim['title']}: no committed figure"
     for line in headline.splitlines():
         for claim in V.CLAIMS:
