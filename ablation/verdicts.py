@@ -410,7 +410,8 @@ def stress_verdicts(runs: pd.DataFrame) -> pd.DataFrame | None:
     for row in frame.itertuples():
         lower = row.failed / row.n < row.none_failed / row.none_n
         if row.none_failed == 0:
-            verdicts.append((UNTESTABLE, f"no none run failed at any of the {len(row.lrs)} learning rates"))
+            where = "its learning rate" if len(row.lrs) == 1 else f"any of the {len(row.lrs)} learning rates"
+            verdicts.append((UNTESTABLE, f"no none run failed at {where}"))
         elif not row.p_holm < ALPHA:
             verdicts.append((INCONCLUSIVE, f"Holm p = {row.p_holm:.3g} ≥ {ALPHA}" if row.p_holm == row.p_holm
                              else "too few runs for a test"))
