@@ -459,7 +459,8 @@ def render_lr_markdown(table: pd.DataFrame) -> str:
     display = pd.DataFrame({
         "Combination": table["combo"], "lr": table["lr"].map(num), "Runs": table["runs"],
         "Diverged": table["diverged"], "Divergence rate": table["divergence_rate"].map(num),
-        "Mean loss spike rate": table["spike_rate"].map(num), "Stable": table["stable"].map({True: "yes", False: "no"}),
+        "Mean loss spike rate": table["spike_rate"].map(num), "Mean test recon": table["test_recon"].map(num),
+        "Stable": table["stable"].map({True: "yes", False: "no"}),
         "Largest stable lr": table["largest_stable_lr"].map(lambda v: num(v) if v == v else "none"),
     })
     return md_table(display)
@@ -474,7 +475,9 @@ def _lr_section(runs: pd.DataFrame) -> list[str]:
             f"Runs of each combination at each learning rate of the sweep (their settings differ, so each lr is a "
             f"setting group of its own above). Stable: no run diverged and every completed run's loss spike rate is "
             f"at most {num(limit)} (the stability claim's SESOI). The largest stable learning rate is the largest at "
-            f"which a combination is stable, and stable at every smaller one.", "",
+            f"which a combination is stable, and stable at every smaller one. The mean test recon of the completed "
+            f"runs is descriptive: a run that ends at a collapsed model without a loss spike counts as stable here, "
+            f"and only its test recon shows it.", "",
             render_lr_markdown(table), ""] + _stress_section(runs)
 
 

@@ -331,7 +331,9 @@ def stability_by_lr(runs: pd.DataFrame) -> pd.DataFrame | None:
     """Training stability over a learning-rate sweep; None unless the study's runs hold several `lr`.
 
     One row per combination and learning rate: finished runs (completed or diverged), diverged
-    runs, the divergence rate, the mean loss_spike_rate of the completed runs, and `stable`: no run
+    runs, the divergence rate, the mean loss_spike_rate and mean test_recon of the completed runs
+    (descriptive: a run that collapses to a useless model without a spike is not a failure here, and
+    its test recon shows it), and `stable`: no run
     diverged and every completed run's loss_spike_rate is at most the stability claim's SESOI
     (runs without a measured spike rate are judged by divergence alone). `largest_stable_lr` is, per
     combination, the largest learning rate of the sweep at which it is stable and stable at every
@@ -350,6 +352,7 @@ def stability_by_lr(runs: pd.DataFrame) -> pd.DataFrame | None:
         spikes = values(cell[cell["status"] == "completed"], "loss_spike_rate")
         rows.append({"combo": combo, "lr": float(lr), "runs": len(cell), "diverged": diverged,
                      "divergence_rate": diverged / len(cell), "spike_rate": spikes.mean(),
+                     "test_recon": values(cell[cell["status"] == "completed"], "test_recon").mean(),
                      "stable": diverged == 0 and bool((spikes.isna() | (spikes <= limit)).all())})
     table = pd.DataFrame(rows)
     largest = {}

@@ -309,6 +309,9 @@ def test_the_largest_stable_learning_rate_of_a_sweep():
     assert largest["none"] == 3e-3, "diverges at 1e-2"
     assert largest["all"] == 1e-3, "spikes at 3e-3: 1e-2 does not count, the sweep must be stable below it"
     assert V.stability_by_lr(pd.DataFrame(rows).assign(lr=1e-3)) is None, "no sweep, no table"
+    recon = V.stability_by_lr(pd.DataFrame(rows).assign(test_recon=[100.0, 300.0] * 6)).set_index(["combo", "lr"])
+    assert recon.loc[("none", 1e-3), "test_recon"] == 200.0, "mean over the completed runs"
+    assert math.isnan(recon.loc[("none", 1e-2), "test_recon"]), "diverged runs have no test recon"
 
 
 def _sweep(cells: dict, seeds: int = 3) -> pd.DataFrame:
