@@ -14,7 +14,7 @@ from PIL import Image
 
 from ablation import verdicts as V
 from ablation.collect import read_runs_csv
-from ablation.report import (claims_display, render_claims_markdown, render_conditional_markdown,
+from ablation.report import (claims_display, num, render_claims_markdown, render_conditional_markdown,
                              render_effects_markdown, render_rules_markdown, render_secondary_markdown,
                              render_stress_markdown)
 from ablation.stats import (NotEstimable, conditional_effects, has_comparison, interaction_effects, main_effects,
@@ -124,6 +124,22 @@ def test_readme_headline_verdicts_are_part_a_reports():
             if line.startswith(f"- **{claim.title}: "):
                 said = line.split(": ", 1)[1].split("**", 1)[0].rstrip(".")
                 assert said == table.set_index("claim").loc[claim.key, "verdict"], (claim.title, said)
+
+
+STRESS = RESULTS / "cifar10-5k" / "c-lr-stability"  # part C: the README's stability-under-stress verdicts
+
+
+def test_readme_stress_verdicts_are_part_c_reports():
+    """Each row of the README's part C table is the stress verdict regenerated from part C's runs.csv."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    section = readme.split("### Stability under stress", 1)[1].split("\n### ", 1)[0]
+    table = V.stress_verdicts(read_runs_csv(STRESS / "runs.csv"))
+    assert table is not None and len(table) == len(V.STRESS_COMPARISONS)
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    for row in table.itertuples():
+        expected = (f"| {row.claim} | `{row.combo}` | {row.none_failed}/{row.none_n} → {row.failed}/{row.n} | "
+                    f"{row.none_largest_stable_lr:g} → {row.largest_stable_lr:g} | {num(row.p_holm)} | {row.verdict} |")
+        assert expected in rows, f"README part C row is not the report's: {expected}"
 
 
 def test_readme_benchmark_tables_are_the_committed_bench():
