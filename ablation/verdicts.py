@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from . import regularizers as R
-from .stats import (ALPHA, benjamini_hochberg, difference, diverged_counts, fisher_p, holm, holm_levels, mean_ci, metric_label,
-                    none_and_all, values)
+from .stats import (ALPHA, benjamini_hochberg, difference, diverged_counts, fisher_p, holm, holm_levels, mean_ci,
+                    metric_label, none_and_all, values)
 
 SUPPORTED, CONTRADICTED, EQUIVALENT = "supported", "contradicted", "equivalent"
 INCONCLUSIVE, UNTESTABLE = "inconclusive", "untestable here"
@@ -333,9 +333,9 @@ def stability_by_lr(runs: pd.DataFrame) -> pd.DataFrame | None:
     One row per combination and learning rate: finished runs (completed or diverged), diverged
     runs, the divergence rate, the mean loss_spike_rate and mean test_recon of the completed runs
     (descriptive: a run that collapses to a useless model without a spike is not a failure here, and
-    its test recon shows it), and `stable`: no run
-    diverged and every completed run's loss_spike_rate is at most the stability claim's SESOI
-    (runs without a measured spike rate are judged by divergence alone). `largest_stable_lr` is, per
+    its test recon shows it), and `stable`: no run diverged and every completed run's
+    loss_spike_rate is at most the stability claim's SESOI (runs without a measured spike rate are
+    judged by divergence alone). `largest_stable_lr` is, per
     combination, the largest learning rate of the sweep at which it is stable and stable at every
     smaller one: higher = more stable. Runs of different learning rates have different
     settings_hash, so this table spans setting groups; nothing else is pooled across them.
@@ -384,7 +384,8 @@ def _failed(cell: pd.DataFrame, limit: float) -> int:
 
 def stress_verdicts(runs: pd.DataFrame) -> pd.DataFrame | None:
     """The stability claims judged on a learning-rate sweep by STRESS_RULE, fixed before any sweep of the 5k
-    regime ran; None when stability_by_lr has no table or the sweep holds no none run.
+    regime ran; None when stability_by_lr has no table, or no combination of STRESS_COMPARISONS shares a
+    learning rate with a none run.
 
     One row per comparison of STRESS_COMPARISONS whose combination was swept: the learning rates
     compared, the failed and finished runs of none and of the combination, each one's largest stable
@@ -402,11 +403,15 @@ def stress_verdicts(runs: pd.DataFrame) -> pd.DataFrame | None:
         if combo not in largest.index:
             continue
         lrs = sorted(set(done.loc[done["combo"] == "none", "lr"]) & set(done.loc[done["combo"] == combo, "lr"]))
+        if not lrs:
+            continue
         base, other = (done[(done["combo"] == c) & done["lr"].isin(lrs)] for c in ("none", combo))
         k0, k1 = _failed(base, limit), _failed(other, limit)
         rows.append({"claim": claim, "combo": combo, "lrs": lrs, "none_failed": k0, "none_n": len(base),
                      "failed": k1, "n": len(other), "none_largest_stable_lr": largest["none"],
                      "largest_stable_lr": largest[combo], "p_value": fisher_p(k0, len(base), k1, len(other))})
+    if not rows:
+        return None
     frame = pd.DataFrame(rows)
     frame["p_holm"] = holm(frame["p_value"])
     verdicts = []

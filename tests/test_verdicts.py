@@ -359,3 +359,7 @@ def test_stress_verdicts_are_untestable_when_none_never_fails():
     table = V.stress_verdicts(_sweep(cells))
     assert list(table["verdict"]) == [V.UNTESTABLE], "only batchnorm was swept besides none"
     assert V.stress_verdicts(_sweep({k: v for k, v in cells.items() if k[0] != "none"})) is None, "no baseline"
+    assert V.stress_verdicts(_sweep({k: v for k, v in cells.items() if k[0] != "bn"})) is None, "nothing to compare"
+    apart = {("none", 1e-3): [("completed", 0.0)] * 3, ("none", 1e-2): [("completed", 0.0)] * 3,
+             ("bn", 3e-3): [("completed", 0.0)] * 3, ("bn", 3e-2): [("completed", 0.0)] * 3}
+    assert V.stress_verdicts(_sweep(apart)) is None, "no learning rate in common"
