@@ -276,36 +276,50 @@ def dose_metrics(runs: pd.DataFrame) -> list[str]:
     return [k for k in keys if values(done, k).notna().any()]
 
 
-def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path) -> Path | None:
-    """Each dose metric against the strength `group`.`field`, one line per combination of the other regularizers,
-    mean ± 1 sd over the seeds at each strength. Runs with the regularizer off sit at its `off` value, when the
-    registry gives one."""
+DOSE_COLUMNS = ["others", "dose", "metric", "mean", "std", "n"]
+
+
+def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
+    """Every dose metric at each strength of `group`.`field`, per setting of the other regularizers (`others`):
+    mean, sd and number of the included runs (columns DOSE_COLUMNS). Runs with the regularizer off sit at its
+    `off` value, when the registry gives one. Empty unless two strengths and a metric are measured."""
     done = normalize(runs)
     done = done[done["included"]]
     reg = R.REGISTRY[group]
-    column = strength_column(group, field)
-    dose = values(done, column).where(done[group], reg.off.get(field, np.nan))
+    dose = values(done, strength_column(group, field)).where(done[group], reg.off.get(field, np.nan))
     others = [g for g in R.names() if g != group]
     data = done.assign(dose=dose, others=[R.combo_name(dict(zip(others, flags))) for flags in
                                           done[others].itertuples(index=False)]).dropna(subset=["dose"])
     metrics = dose_metrics(runs)
     if data["dose"].nunique() < 2 or not metrics:
+        return pd.DataFrame(columns=DOSE_COLUMNS)
+    parts = [data.assign(y=values(data, metric)).groupby(["others", "dose"], sort=False)["y"]
+             .agg(mean="mean", std="std", n="count").dropna(subset=["mean"]).reset_index().assign(metric=metric)
+             for metric in metrics]
+    return pd.concat(parts, ignore_index=True)[DOSE_COLUMNS].sort_values(["others", "dose"], kind="stable")
+
+
+def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path) -> Path | None:
+    """Each dose metric against the strength `group`.`field` (dose_response), one line per combination of the
+    other regularizers, mean ± 1 sd over the seeds at each strength."""
+    table = dose_response(runs, group, field)
+    if table.empty:
         return None
+    reg = R.REGISTRY[group]
+    metrics = list(dict.fromkeys(table["metric"]))
     cols = min(3, len(metrics))
     fig, axes = plt.subplots(-(-len(metrics) // cols), cols, figsize=(4.3 * cols, 3.3 * -(-len(metrics) // cols)),
                              squeeze=False)
-    colors = _combo_colors(list(data["others"].unique()))
+    colors = _combo_colors(list(table["others"].unique()))
     for ax, metric in zip(axes.flat, metrics):
-        for combo, rows in data.groupby("others", sort=False):
-            stats = rows.assign(y=values(rows, metric)).groupby("dose")["y"].agg(["mean", "std", "count"]).dropna(
-                subset=["mean"])
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].where(stats["count"] > 1), marker="o", ms=4,
+        for combo, points in table[table["metric"] == metric].groupby("others", sort=False):
+            ax.errorbar(points["dose"], points["mean"], yerr=points["std"].where(points["n"] > 1), marker="o", ms=4,
                         capsize=3, color=colors[combo], label=f"others on: {combo}")
         ax.set(xlabel=f"{reg.label} {field}", ylabel=metric_label(metric), title=metric_label(metric))
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     axes[0, 0].legend(fontsize=7)
-    per_dose = data.groupby(["others", "dose"]).size()
+    per_dose = table[table["metric"] == metrics[0]]["n"]
     counts = str(per_dose.min()) if per_dose.min() == per_dose.max() else f"{per_dose.min()}–{per_dose.max()}"
     fig.suptitle(f"dose–response of {reg.label} {field}: {counts} runs per point, mean ± 1 sd over seeds where a "
                  "point has several; one line per setting of the other regularizers", wrap=True)

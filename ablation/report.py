@@ -46,7 +46,7 @@ from . import regularizers as R
 from . import verdicts as V
 from . import wandb_logger
 from .collect import NoResultsError, collect_study, find_studies, read_runs_csv, run_columns, write_tables
-from .figures import group_figures
+from .figures import dose_response, group_figures, swept_strengths
 from .metrics import METRICS, derived_metrics
 from .runio import atomic_write_text
 from .stats import (ALPHA, NotEstimable, cell_summary, conditional_effects, effects_meaning, has_comparison,
@@ -425,6 +425,7 @@ def _group_section(study_dir: Path, settings_hash: str, runs: pd.DataFrame, hist
     lines += _comparison_section(runs, key, result.tables)
     effect_lines, effects = _effects_section(runs, key, result.tables)
     lines += effect_lines
+    lines += _dose_section(runs, key, result.tables)
     group_history = history[history["settings_hash"].astype(str) == settings_hash] if len(history) else history
     figures = group_figures(study_dir, runs, group_history, effects, prefix)
     lines += ["### Figures", ""]
@@ -433,6 +434,33 @@ def _group_section(study_dir: Path, settings_hash: str, runs: pd.DataFrame, hist
         lines += [f"**{caption}**", "", f"![{caption}]({path.relative_to(study_dir).as_posix()})", ""]
     if not figures:
         lines += ["No figures: no included runs to plot.", ""]
+    return lines
+
+
+def render_dose_markdown(table: pd.DataFrame, group: str, field: str) -> str:
+    """A dose_response table: one row per setting of the other regularizers and strength, one column per metric
+    (mean ± sd over the runs, and how many)."""
+    rows = []
+    for (others, dose), points in table.groupby(["others", "dose"], sort=False):
+        row = {"Others on": others, f"{R.REGISTRY[group].label} {field}": f"{dose:g}"}
+        for point in points.itertuples():
+            spread = f" ± {num(point.std)}" if point.n > 1 else ""
+            row[metric_label(point.metric)] = f"{num(point.mean)}{spread}"
+        row["Runs"] = int(points["n"].max())
+        rows.append(row)
+    return md_table(pd.DataFrame(rows).fillna("n/a"))
+
+
+def _dose_section(runs: pd.DataFrame, key: str, tables: dict) -> list[str]:
+    lines = []
+    for group, field in swept_strengths(runs):
+        table = dose_response(runs, group, field)
+        if table.empty:
+            continue
+        tables[f"dose/{key}/{group}_{field}"] = table
+        lines += [f"### Dose–response of {R.REGISTRY[group].label} {field}", "",
+                  "Each strength's mean ± sd over its runs (seeds); runs with the regularizer off sit at its off "
+                  "value.", "", render_dose_markdown(table, group, field), ""]
     return lines
 
 

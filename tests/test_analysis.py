@@ -731,6 +731,13 @@ def test_a_swept_strength_gets_a_dose_response_figure(tmp_path):
         image.verify()
     figures = F.group_figures(tmp_path, runs, pd.DataFrame(), None)
     assert any(p.name == "dose_beta_value.png" and "Dose–response of β value" in c for c, p in figures)
+    table = F.dose_response(runs, "beta", "value").set_index(["dose", "metric"])
+    assert table.loc[(1.0, "test_recon"), "mean"] == 80.5, "none sits at β's off value, 1"
+    assert table.loc[(4.0, "test_recon"), "mean"] == 100.5 and table.loc[(4.0, "test_recon"), "n"] == 2
+    assert table.loc[(8.0, "test_kl"), "std"] == 0.0
+    markdown = R.render_dose_markdown(F.dose_response(runs, "beta", "value"), "beta", "value")
+    assert "| Others on | β value | test recon (SSE/image) | test KL (nats/image) | Runs |" in markdown
+    assert "| none | 2 | 90.50 ± 0.7071 | 15.00 ± 0 | 2 |" in markdown
 
 
 def test_a_study_re_rendered_from_its_tables_keeps_its_image_figures(factorial, tmp_path):

@@ -14,7 +14,8 @@ from PIL import Image
 
 from ablation import verdicts as V
 from ablation.collect import read_runs_csv
-from ablation.report import (claims_display, num, render_claims_markdown, render_conditional_markdown,
+from ablation.figures import dose_response, swept_strengths
+from ablation.report import (claims_display, num, render_dose_markdown, render_claims_markdown, render_conditional_markdown,
                              render_effects_markdown, render_rules_markdown, render_secondary_markdown,
                              render_stress_markdown)
 from ablation.stats import (NotEstimable, conditional_effects, has_comparison, interaction_effects, main_effects,
@@ -39,6 +40,8 @@ def test_report_tables_regenerate_from_runs_csv(study):
         if has_comparison(group):
             assert render_claims_markdown(V.claims_table(group)) in report
             assert render_secondary_markdown(V.secondary_table(group)) in report
+        for strength in swept_strengths(group):
+            assert render_dose_markdown(dose_response(group, *strength), *strength) in report, strength
         try:
             effects = main_effects(group, V.EFFECT_METRICS)
         except NotEstimable:
