@@ -40,6 +40,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E4
 from PIL import Image  # noqa: E402
 
 from . import regularizers as R  # noqa: E402
+from .collect import strength_columns, strength_note  # noqa: E402
 from .runio import atomic_write, read_json  # noqa: E402
 from .stats import (cell_mask, effects_meaning, has_comparison, metric_label, none_and_all, normalize,  # noqa: E402
                     paired_by_seed, values)
@@ -279,6 +280,13 @@ def dose_metrics(runs: pd.DataFrame) -> list[str]:
 DOSE_COLUMNS = ["others", "dose", "metric", "mean", "std", "n"]
 
 
+def _others_label(run: pd.Series, others: list[str]) -> str:
+    """The other regularizers a run has on, with their strengths where not the seed's: `do (dropout.p=0.1)`."""
+    flags = {g: run[g] for g in others}
+    strengths = {c: run[c] for c in strength_columns() if c.split("_", 1)[0] in others and c in run}
+    return R.combo_name(flags) + strength_note(flags | strengths)
+
+
 def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
     """Every dose metric at each strength of `group`.`field`, per setting of the other regularizers (`others`):
     mean, sd and number of the included runs (columns DOSE_COLUMNS). Runs with the regularizer off sit at its
@@ -288,8 +296,8 @@ def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
     reg = R.REGISTRY[group]
     dose = values(done, strength_column(group, field)).where(done[group], reg.off.get(field, np.nan))
     others = [g for g in R.names() if g != group]
-    data = done.assign(dose=dose, others=[R.combo_name(dict(zip(others, flags))) for flags in
-                                          done[others].itertuples(index=False)]).dropna(subset=["dose"])
+    data = done.assign(dose=dose, others=[_others_label(row, others) for _, row in done.iterrows()])
+    data = data.dropna(subset=["dose"])
     metrics = dose_metrics(runs)
     if data["dose"].nunique() < 2 or not metrics:
         return pd.DataFrame(columns=DOSE_COLUMNS)
