@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> dict:
     job = HydraConfig.get() if HydraConfig.initialized() else None
     runtime, budget = prepare(cfg, int(job.job.get("num", 0) or 0) if job else 0, job.get("launcher") if job else None)
     run = RunDir(job.runtime.output_dir if job else Path(cfg.results_dir) / cfg.study / cfg.run_name)
+    name = run.path.name  # run_name plus the suffix a dose or lr sweep adds, e.g. beta_seed0_beta4.0
     chash = C.config_hash(cfg)
     with contextlib.ExitStack() as held:
         try:
@@ -82,21 +83,21 @@ def train(cfg: DictConfig) -> dict:
             detach_logs(run.path)  # this process's log lines stay out of the holder's train.log
             if job is None or job.mode.name != "MULTIRUN":
                 raise
-            log.warning("%s: skipped: %s", cfg.run_name, exc)  # a sweep goes on with its free runs
-            return {"status": "locked", "run_name": cfg.run_name, "study": cfg.study, "error": str(exc)}
+            log.warning("%s: skipped: %s", name, exc)  # a sweep goes on with its free runs
+            return {"status": "locked", "run_name": name, "study": cfg.study, "error": str(exc)}
         for folder in (run.path, Path(cfg.data.cache_dir).expanduser()):
             for tmp in remove_stale_temps(folder) if folder.is_dir() else []:
                 log.info("removed %s, left by a write that was killed", tmp)
         state = run.state(chash, cfg.overwrite, cfg)
         if state.final:
-            log.info("%s: skipped (%s, config hash %s)%s", cfg.run_name, state.value, chash,
+            log.info("%s: skipped (%s, config hash %s)%s", name, state.value, chash,
                      "; delete its directory to train it again" if state is State.DIVERGED else "")
             return run.metrics()
         expected = _expected_seconds(run, C.settings_hash(cfg), cfg.trainer.epochs)
         if cfg.trainer.deadline is not None and expected is not None and time.time() + expected > cfg.trainer.deadline:
             log.info("%s: not started: its study's finished runs took up to %.0f s, which would end after the "
-                     "deadline; rerun later to train it", cfg.run_name, expected)
-            return {"status": "not started", "run_name": cfg.run_name, "study": cfg.study}
+                     "deadline; rerun later to train it", name, expected)
+            return {"status": "not started", "run_name": name, "study": cfg.study}
         with gpu_slot(cfg.trainer.device, runtime.device) as device:
             return _run(cfg, run, replace(runtime, device=device), budget, chash, resume=state is State.INTERRUPTED)
 
@@ -145,8 +146,9 @@ def _load_data(cfg: DictConfig, device: torch.device):
 
 
 def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str, resume: bool) -> dict:
+    name = run.path.name
     activate(runtime)
-    log.info("%s on %s (%d threads), budget %s", cfg.run_name, runtime.device, torch.get_num_threads(), budget)
+    log.info("%s on %s (%d threads), budget %s", name, runtime.device, torch.get_num_threads(), budget)
     seed_everything(cfg.seed)
     if cfg.eval.inception_weights is not None:  # a bad path fails now, not after training
         check_inception_weights(cfg.eval.inception_weights)
@@ -160,11 +162,11 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     # A resumed run keeps the W&B run id it started with, even where today's config_hash of its config differs
     # from the hash it was started under (the id names that hash).
     wandb_id = before.get("wandb_id") or \
-        wandb_logger.safe_name(cfg.study, cfg.run_name, (before.get("config_hash") or chash)[:8])
+        wandb_logger.safe_name(cfg.study, name, (before.get("config_hash") or chash)[:8])
     atomic_write_text(run / "config.yaml", OmegaConf.to_yaml(cfg))
     flags = R.flags(cfg)
     origin = provenance.collect(runtime.device)
-    run.start({"study": cfg.study, "run_name": cfg.run_name, "seed": cfg.seed, "config_hash": chash,
+    run.start({"study": cfg.study, "run_name": name, "seed": cfg.seed, "config_hash": chash,
                "settings_hash": C.settings_hash(cfg), "budget": budget, "device": str(runtime.device),
                "threads": runtime.threads, "precision": runtime.precision, **data.identity.fields(),
                **{f"reg_{k}": v for k, v in flags.items()}, "provenance": origin, "wandb_id": wandb_id},
@@ -176,7 +178,7 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
     exit_code, trainer = 1, None
     logger = wandb_logger.NullLogger()  # until W&B has started: a failure to start it fails the run
     try:
-        logger = wandb_logger.start(cfg.logger, run_dir=run.path, name=cfg.run_name, group=cfg.study,
+        logger = wandb_logger.start(cfg.logger, run_dir=run.path, name=name, group=cfg.study,
                                     job_type="train", config=wb_config,
                                     tags=([r for r, on in flags.items() if on] or ["none"]) + list(cfg.logger.tags),
                                     run_id=wandb_id)
@@ -185,20 +187,20 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         if resume:
             # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
             trainer.load_state_dict(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
-            log.info("%s: resumed from checkpoint after epoch %d", cfg.run_name, trainer.epoch)
+            log.info("%s: resumed from checkpoint after epoch %d", name, trainer.epoch)
             logger.resend_history(trainer.epoch_rows + trainer.step_rows)
         trainer.fit()
         metrics = _finish(cfg, run, trainer, logger)
         exit_code = 0
         return metrics
     except DeadlineReached as exc:
-        log.warning("%s: %s; rerun the same command to resume", cfg.run_name, exc)
+        log.warning("%s: %s; rerun the same command to resume", name, exc)
         metrics = run.record("interrupted", epochs_completed=exc.epoch, steps=trainer.step, error=str(exc),
                              wall_time_s=run.wall_time())
         logger.summary(metrics)
         return metrics  # the sweep goes on: its next runs see the deadline before they start
     except Diverged as exc:
-        log.error("%s: diverged: %s", cfg.run_name, exc)
+        log.error("%s: diverged: %s", name, exc)
         if trainer is not None:
             trainer.step_rows.append({"kind": "diverged", "epoch": exc.epoch, "step": exc.step})
             trainer.write_history()
@@ -209,8 +211,8 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
         return metrics  # a diverged run is a result: the sweep goes on
     except KeyboardInterrupt as exc:
         epoch = _checkpoint_epoch(run)
-        message = (f"{cfg.run_name}: interrupted after epoch {epoch}; rerun the same command to resume"
-                   if epoch else f"{cfg.run_name}: interrupted before its first checkpoint; rerun the same "
+        message = (f"{name}: interrupted after epoch {epoch}; rerun the same command to resume"
+                   if epoch else f"{name}: interrupted before its first checkpoint; rerun the same "
                                  f"command to start it again")
         metrics = run.record("interrupted", epochs_completed=epoch, error=message, wall_time_s=run.wall_time())
         logger.summary(metrics)
@@ -240,6 +242,7 @@ def _bytes_needed(model: torch.nn.Module) -> int:
 
 def _finish(cfg: DictConfig, run: RunDir, trainer, logger) -> dict:
     """Final metrics, samples and model of a trained run; records it completed."""
+    name = run.path.name
     final = trainer.final()
     trainer.save_samples(run / "samples.png")
     shutil.copyfile(run / f"recon_epoch{trainer.epoch:03d}.png", run / "recon_final.png")
@@ -254,9 +257,9 @@ def _finish(cfg: DictConfig, run: RunDir, trainer, logger) -> dict:
     logger.log_images({"recon_final": run / "recon_final.png", "samples": run / "samples.png"}, step=trainer.step)
     logger.summary(metrics)
     if cfg.logger.get("log_model"):
-        logger.log_artifact(run / "model.pt", name=wandb_logger.safe_name("model", cfg.study, cfg.run_name),
+        logger.log_artifact(run / "model.pt", name=wandb_logger.safe_name("model", cfg.study, name),
                             kind="model")
-    log.info("%s: completed  test recon %.2f  kl %.2f  psnr %.2f dB  (%.0f s)", cfg.run_name,
+    log.info("%s: completed  test recon %.2f  kl %.2f  psnr %.2f dB  (%.0f s)", name,
              metrics["test_recon"], metrics["test_kl"], metrics["psnr"], metrics["wall_time_s"])
     return metrics
 

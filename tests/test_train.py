@@ -90,6 +90,19 @@ def test_seeds_multiply_a_sweep(env):
     assert metrics(study / "none_seed0")["test_recon"] != metrics(study / "none_seed1")["test_recon"]
 
 
+def test_a_dose_sweeps_runs_are_named_by_their_directories(env):
+    """Each strength of a dose sweep has its own directory, and that name is the run's name in its
+    metrics.json and log lines, so the strengths are told apart wherever runs are listed."""
+    proc = train("-m", "+sweep=dose_beta", "beta.value=1,2", "trainer.epochs=1", "data.train_size=32",
+                 "data.test_size=16", "trainer.checkpoint=false", env=env)
+    study = Path(env["ABLATION_RESULTS"]) / "main"
+    names = ["beta_seed0_beta1.0", "beta_seed0_beta2.0"]
+    assert sorted(p.name for p in study.iterdir() if p.is_dir()) == names
+    for name in names:
+        assert metrics(study / name)["run_name"] == name
+        assert re.search(rf"{re.escape(name)}: completed", proc.stdout + proc.stderr), name
+
+
 def test_factorial_sweep_runs_all_32_combinations(env):
     """The glob smoke test: every combination of the five groups as one multirun."""
     train("+sweep=factorial", "trainer.epochs=1", "data.train_size=32", "data.test_size=16",
