@@ -280,17 +280,25 @@ def dose_metrics(runs: pd.DataFrame) -> list[str]:
 DOSE_COLUMNS = ["others", "dose", "metric", "mean", "std", "n"]
 
 
+def _at_off_values(run: pd.Series, reg: R.Regularizer) -> bool:
+    """Whether the run has `reg` on at the values that make it a no-op (β at 1, dropout at p = 0), which
+    computes what `reg` off does."""
+    return bool(reg.off) and all(run.get(f"{reg.group}_{k}") == v for k, v in reg.off.items())
+
+
 def _others_label(run: pd.Series, others: list[str]) -> str:
-    """The other regularizers a run has on, with their strengths where not the seed's: `do (dropout.p=0.1)`."""
-    flags = {g: run[g] for g in others}
+    """The other regularizers a run has on, with their strengths where not the seed's: `do (dropout.p=0.1)`.
+    One on at its no-op values counts as off, so a β = 1 run is `none` in a dropout dose-response."""
+    flags = {g: bool(run[g]) and not _at_off_values(run, R.REGISTRY[g]) for g in others}
     strengths = {c: run[c] for c in strength_columns() if c.split("_", 1)[0] in others and c in run}
     return R.combo_name(flags) + strength_note(flags | strengths)
 
 
 def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
-    """Every dose metric at each strength of `group`.`field`, per setting of the other regularizers (`others`):
-    mean, sd and number of the included runs (columns DOSE_COLUMNS). Runs with the regularizer off sit at its
-    `off` value, when the registry gives one. Empty unless two strengths and a metric are measured."""
+    """Every dose metric at each strength of `group`.`field`, per setting of the other regularizers (`others`)
+    that was run at two or more strengths: mean, sd and number of the included runs (columns DOSE_COLUMNS).
+    Runs with the regularizer off sit at its `off` value, when the registry gives one. Empty unless some
+    setting has two strengths and a metric is measured."""
     done = normalize(runs)
     done = done[done["included"]]
     reg = R.REGISTRY[group]
@@ -298,6 +306,7 @@ def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
     others = [g for g in R.names() if g != group]
     data = done.assign(dose=dose, others=[_others_label(row, others) for _, row in done.iterrows()])
     data = data.dropna(subset=["dose"])
+    data = data[data.groupby("others")["dose"].transform("nunique") >= 2]  # a lone strength shows no response
     metrics = dose_metrics(runs)
     if data["dose"].nunique() < 2 or not metrics:
         return pd.DataFrame(columns=DOSE_COLUMNS)

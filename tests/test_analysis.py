@@ -735,11 +735,20 @@ def test_a_swept_strength_gets_a_dose_response_figure(tmp_path):
     assert table.loc[(1.0, "test_recon"), "mean"] == 80.5, "none sits at β's off value, 1"
     assert table.loc[(4.0, "test_recon"), "mean"] == 100.5 and table.loc[(4.0, "test_recon"), "n"] == 2
     assert table.loc[(8.0, "test_kl"), "std"] == 0.0
-    dropped = pd.DataFrame([{"run_name": "do_seed0", "combo": "do (dropout.p=0.1)", "seed": 0, "settings_hash": "h",
-                             **NONE, "dropout": True, "status": "completed", "included": True, "beta_value": 1.0,
-                             "dropout_p": 0.1, "test_recon": 95.0, "test_kl": 20.0}])
-    others = F.dose_response(pd.concat([runs, dropped]), "beta", "value")
+    def run(name, beta, **flags_and_strengths):
+        return {"run_name": name, "combo": name, "seed": 0, "settings_hash": "h", **NONE, "status": "completed",
+                "included": True, "beta": beta is not None, "beta_value": beta or 4.0, "test_recon": 95.0,
+                "test_kl": 20.0, **flags_and_strengths}
+    more = pd.DataFrame([run("do_seed0", None, dropout=True, dropout_p=0.1),  # do at p = 0.1, beta off: 1
+                         run("do-beta_seed0", 2.0, dropout=True, dropout_p=0.1),
+                         run("bn_seed0", None, batchnorm=True)])  # a lone strength: no line
+    others = F.dose_response(pd.concat([runs, more]), "beta", "value")
     assert set(others["others"]) == {"none", "do (dropout.p=0.1)"}, "the other regularizers' strengths tell lines apart"
+    beta_one = pd.DataFrame([run("beta_seed0", 1.0), run("do_seed0", None, dropout=True, dropout_p=0.3),
+                             run("do_seed1", None, dropout=True, dropout_p=0.5)])
+    by_p = F.dose_response(beta_one, "dropout", "p")
+    assert set(by_p["others"]) == {"none"} and sorted(by_p["dose"].unique()) == [0.0, 0.3, 0.5], \
+        "beta on at 1 computes what beta off does: it is the p = 0 point of none's line"
     markdown = R.render_dose_markdown(F.dose_response(runs, "beta", "value"), "beta", "value")
     assert "| Others on | β value | test recon (SSE/image) | test KL (nats/image) | Runs |" in markdown
     assert "| none | 2 | 90.50 ± 0.7071 | 15.00 ± 0 | 2 |" in markdown
