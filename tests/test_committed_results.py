@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ablation import regularizers as R
 from ablation import verdicts as V
 from ablation.collect import read_runs_csv
 from ablation.figures import dose_response, swept_strengths
@@ -189,3 +190,24 @@ def test_part_d_beta_one_is_part_a_none_to_the_last_digit_on_the_same_cpu():
         untimed = [pd.read_csv(p / "history.csv").drop(columns=["images_per_s", "epoch_time_s"]) for p in (dose, none)]
         pd.testing.assert_frame_equal(*untimed, check_exact=True, obj=dose.name)
     assert same_cpu >= 1, "part D has a beta = 1 run made on the CPU model of part A's none run"
+
+
+README_DOSE_METRICS = ("recon_mean", "test_kl", "gap_growth", "fd_suite", "probe_acc")
+
+
+def test_readme_dose_rows_are_part_d_reports():
+    """The README's part D table is `none`'s line of each dose-response table of part D's report."""
+    readme = (RESULTS.parent / "README.md").read_text()
+    section = readme.split("### Dose–response from", 1)[1].split("\n### ", 1)[0]
+    (_, group), = setting_groups(read_runs_csv(DOSE / "runs.csv"))
+    expected = []
+    for name, field in (("beta", "value"), ("dropout", "p")):
+        table = dose_response(group, name, field)
+        for dose, points in table[table["others"] == "none"].groupby("dose", sort=True):
+            points = points.set_index("metric")
+            expected.append(f"| {R.REGISTRY[name].label} {field} | {dose:g} | "
+                            + " | ".join(num(points.loc[m, "mean"]) for m in README_DOSE_METRICS)
+                            + f" | {int(points['n'].max())} |")
+    assert len(expected) == 8, "beta at 1, 2, 4, 8 and dropout at 0, 0.1, 0.3, 0.5"
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Strength")]
+    assert rows == expected
