@@ -332,7 +332,7 @@ def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path)
         for combo, points in table[table["metric"] == metric].groupby("others", sort=False):
             ax.errorbar(points["dose"], points["mean"], yerr=points["std"].where(points["n"] > 1), marker="o", ms=4,
                         capsize=3, color=colors[combo], label=f"others on: {combo}")
-        ax.set(xlabel=f"{reg.label} {field}", ylabel=metric_label(metric), title=metric_label(metric))
+        ax.set(xlabel=f"{reg.label} {field}", title=metric_label(metric))  # the title names the y axis
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     axes[0, 0].legend(fontsize=7)
