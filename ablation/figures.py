@@ -313,7 +313,9 @@ def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
     parts = [data.assign(y=values(data, metric)).groupby(["others", "dose"], sort=False)["y"]
              .agg(mean="mean", std="std", n="count").dropna(subset=["mean"]).reset_index().assign(metric=metric)
              for metric in metrics]
-    return pd.concat(parts, ignore_index=True)[DOSE_COLUMNS].sort_values(["others", "dose"], kind="stable")
+    table = pd.concat(parts, ignore_index=True)
+    table = table[table.groupby(["others", "metric"])["dose"].transform("nunique") >= 2]  # measured at one only
+    return table[DOSE_COLUMNS].sort_values(["others", "dose"], kind="stable")
 
 
 def dose_response_figure(runs: pd.DataFrame, group: str, field: str, path: Path) -> Path | None:

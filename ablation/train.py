@@ -172,9 +172,9 @@ def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str
                **{f"reg_{k}": v for k, v in flags.items()}, "provenance": origin, "wandb_id": wandb_id},
               resume=resume)
     # The resolved config with the regularizers' effective values, plus their switches as top-level
-    # booleans to group and filter by in W&B.
+    # booleans to group and filter by in W&B; run_name is the run's (directory's) name, as in metrics.json.
     wb_config = (OmegaConf.to_container(cfg, resolve=True) | R.effective_dict(cfg)
-                 | {f"reg_{k}": v for k, v in flags.items()} | {"provenance": origin})
+                 | {f"reg_{k}": v for k, v in flags.items()} | {"provenance": origin, "run_name": name})
     exit_code, trainer = 1, None
     logger = wandb_logger.NullLogger()  # until W&B has started: a failure to start it fails the run
     try:

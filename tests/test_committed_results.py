@@ -173,6 +173,11 @@ def test_readme_bf16_checks_are_the_committed_bf16_bench():
 DOSE = RESULTS / "cifar10-5k" / "d-dose"  # part D: dose-response from none
 
 
+# What two runs of the same computation may differ in: their names, hashes and switches, and where and how fast.
+RUN_IDENTITY = {"study", "run_name", "config_hash", "settings_hash", "reg_beta", "wandb_id", "provenance", "attempts"}
+TIMINGS = {"wall_time_s", "train_time_s", "images_per_s"}
+
+
 def test_part_d_beta_one_is_part_a_none_to_the_last_digit_on_the_same_cpu():
     """β on at 1 is none's objective, so a part D β = 1 run retraces part A's none run of the same seed,
     epoch by epoch, when both ran on the same CPU model: training is deterministic on a CPU, across
@@ -185,8 +190,9 @@ def test_part_d_beta_one_is_part_a_none_to_the_last_digit_on_the_same_cpu():
         if a["provenance"]["cpu"] != b["provenance"]["cpu"]:
             continue
         same_cpu += 1
-        for key in ("test_recon", "test_kl", "gen_gap", "probe_acc", "psnr"):
-            assert a[key] == b[key], (dose.name, key, a[key], b[key])
+        differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+        assert differ <= RUN_IDENTITY | TIMINGS, (dose.name, sorted(differ - RUN_IDENTITY - TIMINGS))
+        assert "test_recon" in a and "probe_acc" in a and "fd_suite" in a
         untimed = [pd.read_csv(p / "history.csv").drop(columns=["images_per_s", "epoch_time_s"]) for p in (dose, none)]
         pd.testing.assert_frame_equal(*untimed, check_exact=True, obj=dose.name)
     assert same_cpu >= 1, "part D has a beta = 1 run made on the CPU model of part A's none run"
@@ -205,9 +211,12 @@ def test_readme_dose_rows_are_part_d_reports():
         table = dose_response(group, name, field)
         for dose, points in table[table["others"] == "none"].groupby("dose", sort=True):
             points = points.set_index("metric")
+            n = points.loc[list(README_DOSE_METRICS), "n"]
+            assert n.min() == n.max(), (name, dose, "every metric measured in every run")
             expected.append(f"| {R.REGISTRY[name].label} {field} | {dose:g} | "
-                            + " | ".join(num(points.loc[m, "mean"]) for m in README_DOSE_METRICS)
-                            + f" | {int(points['n'].max())} |")
+                            + " | ".join(num(points.loc[m, "mean"]) for m in README_DOSE_METRICS) + f" | {int(n.max())} |")
     assert len(expected) == 8, "beta at 1, 2, 4, 8 and dropout at 0, 0.1, 0.3, 0.5"
+    assert "| Strength | | `recon_mean` | test KL | `gap_growth` | `fd_suite` | `probe_acc` | n |" in section
+    assert README_DOSE_METRICS[1] == "test_kl", "the header names the others by their keys"
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Strength")]
     assert rows == expected
