@@ -113,6 +113,13 @@ def _wait_for_epoch(proc: subprocess.Popen, run_dir: Path, epoch: int, timeout: 
     raise AssertionError(f"no epoch {epoch} with a checkpoint within {timeout} s: {proc.communicate()}")
 
 
+def _foreground_signals() -> None:
+    """In the child: SIGINT's default action, as a command typed at a terminal has it. A shell's background
+    job (`bash .ci/run &`) ignores SIGINT, every process it starts inherits that, and Python then raises
+    no KeyboardInterrupt: the run would train on, as a backgrounded run rightly does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_says_so_in_one_line_and_a_rerun_resumes_it(env, signum, code):
     # Far more epochs than can pass before the signal, however slowly this test polls on a loaded machine.
@@ -120,24 +127,34 @@ def test_an_interrupted_run_says_so_in_one_line_and_a_rerun_resumes_it(env, sign
             "trainer.progress_every_s=0", *QUICK]
     run_dir = Path(env["ABLATION_RESULTS"]) / "main" / "none_seed0"
     command = [sys.executable, "-m", "ablation.train", *args]
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_epoch(proc, run_dir, 1)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
-    m = metrics(run_dir)
-    assert proc.returncode == code
-    assert m["status"] == "interrupted" and m["epochs_completed"] >= 1
-    assert stderr.strip().splitlines() == [
-        f"none_seed0: interrupted after epoch {m['epochs_completed']}; rerun the same command to resume"]
-    assert (run_dir / "checkpoint.pt").exists(), "the checkpoint is kept"
-    if signum == signal.SIGINT:  # the rerun resumes from that checkpoint and trains on; stopped the same way
-        again = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
-        _wait_for_epoch(again, run_dir, m["epochs_completed"] + 2)
-        again.send_signal(signum)
-        output, _ = again.communicate(timeout=120)
-        assert f"resumed from checkpoint after epoch {m['epochs_completed']}" in output
-        assert again.returncode == code and metrics(run_dir)["epochs_completed"] > m["epochs_completed"]
+    started = []
+    try:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_foreground_signals)
+        started.append(proc)
+        _wait_for_epoch(proc, run_dir, 1)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        m = metrics(run_dir)
+        assert proc.returncode == code
+        assert m["status"] == "interrupted" and m["epochs_completed"] >= 1
+        assert stderr.strip().splitlines() == [
+            f"none_seed0: interrupted after epoch {m['epochs_completed']}; rerun the same command to resume"]
+        assert (run_dir / "checkpoint.pt").exists(), "the checkpoint is kept"
+        if signum == signal.SIGINT:  # the rerun resumes from that checkpoint and trains on; stopped the same way
+            again = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, preexec_fn=_foreground_signals)
+            started.append(again)
+            _wait_for_epoch(again, run_dir, m["epochs_completed"] + 2)
+            again.send_signal(signum)
+            output, _ = again.communicate(timeout=120)
+            assert f"resumed from checkpoint after epoch {m['epochs_completed']}" in output
+            assert again.returncode == code and metrics(run_dir)["epochs_completed"] > m["epochs_completed"]
+    finally:
+        for child in started:  # a run the signal did not stop would train its 100,000 epochs
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
 
 
 def test_omp_num_threads_is_respected_unless_trainer_threads_is_set(env, monkeypatch):
