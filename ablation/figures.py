@@ -306,7 +306,6 @@ def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
     others = [g for g in R.names() if g != group]
     data = done.assign(dose=dose, others=[_others_label(row, others) for _, row in done.iterrows()])
     data = data.dropna(subset=["dose"])
-    data = data[data.groupby("others")["dose"].transform("nunique") >= 2]  # a lone strength shows no response
     metrics = dose_metrics(runs)
     if data["dose"].nunique() < 2 or not metrics:
         return pd.DataFrame(columns=DOSE_COLUMNS)
@@ -314,7 +313,8 @@ def dose_response(runs: pd.DataFrame, group: str, field: str) -> pd.DataFrame:
              .agg(mean="mean", std="std", n="count").dropna(subset=["mean"]).reset_index().assign(metric=metric)
              for metric in metrics]
     table = pd.concat(parts, ignore_index=True)
-    table = table[table.groupby(["others", "metric"])["dose"].transform("nunique") >= 2]  # measured at one only
+    # A setting (or a metric) at one strength only shows no response: it gets no line.
+    table = table[table.groupby(["others", "metric"])["dose"].transform("nunique") >= 2]
     return table[DOSE_COLUMNS].sort_values(["others", "dose"], kind="stable")
 
 

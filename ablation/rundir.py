@@ -178,6 +178,12 @@ class RunDir:
         return self.path / name
 
     @property
+    def name(self) -> str:
+        """The run's name in logs, metrics.json and W&B: its directory's, which is run_name plus the suffix a
+        dose or lr sweep adds (beta_seed0_beta4.0), as collect and the progress table name it."""
+        return self.path.name
+
+    @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 

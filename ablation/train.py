@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> dict:
     job = HydraConfig.get() if HydraConfig.initialized() else None
     runtime, budget = prepare(cfg, int(job.job.get("num", 0) or 0) if job else 0, job.get("launcher") if job else None)
     run = RunDir(job.runtime.output_dir if job else Path(cfg.results_dir) / cfg.study / cfg.run_name)
-    name = run.path.name  # run_name plus the suffix a dose or lr sweep adds, e.g. beta_seed0_beta4.0
+    name = run.name
     chash = C.config_hash(cfg)
     with contextlib.ExitStack() as held:
         try:
@@ -146,7 +146,7 @@ def _load_data(cfg: DictConfig, device: torch.device):
 
 
 def _run(cfg: DictConfig, run: RunDir, runtime: Runtime, budget: str, chash: str, resume: bool) -> dict:
-    name = run.path.name
+    name = run.name
     activate(runtime)
     log.info("%s on %s (%d threads), budget %s", name, runtime.device, torch.get_num_threads(), budget)
     seed_everything(cfg.seed)
@@ -242,7 +242,7 @@ def _bytes_needed(model: torch.nn.Module) -> int:
 
 def _finish(cfg: DictConfig, run: RunDir, trainer, logger) -> dict:
     """Final metrics, samples and model of a trained run; records it completed."""
-    name = run.path.name
+    name = run.name
     final = trainer.final()
     trainer.save_samples(run / "samples.png")
     shutil.copyfile(run / f"recon_epoch{trainer.epoch:03d}.png", run / "recon_final.png")
